@@ -22,7 +22,9 @@ KEM, the paper's equations (F: N tokens of width D; R: L memory slots, L << N; s
     Retrieve:   R^ = topk-softmax( (R W_qr)(F W_kr)^T / sqrt(D) ) (F W_vr)      (L, D)   eq. R
     Write:      F^ = softmax( (F W_qw)(R^ W_kw)^T / sqrt(D) ) (R^ W_vw)         (N, D)   eq. W
     Broadcast:  F <- F + w_r F^,   w_r = 1                                               eq. B
-Cost: O(4 L N D + 3 N D^2) + O(L N), linear in N; cross-attention is O(N^2 D).
+Cost [PAPER]: O(4 L N D + 3 N D^2) + O(L N), linear in N; cross-attention is O(N^2 D).
+[OURS] Reassociating the products (see KEM.forward) removes the 3 N D^2 term: no D x D projection
+touches the N tokens, only the L slots, so KEM costs O(4 L N D + 6 L D^2) plus the top-k.
 
 What the paper leaves open and how we read it [OURS]
 ----------------------------------------------------
@@ -138,18 +140,22 @@ class KEM(nn.Module):
         B, N, D = F_.shape
         k = resolve_topk(self.topk, N)
         scale = 1.0 / math.sqrt(D)
+        # nn.Linear computes x W^T, so the paper's "F W" is self.W(F) and its W is self.W.weight^T.
+        # Both attentions are reassociated so that no D x D matrix ever multiplies the N tokens
+        # (ours; the same function up to rounding, pinned by a test against the literal equations):
+        #     (R W_qr)(F W_kr)^T = ((R W_qr) W_kr^T) F^T,     A (F W_vr) = (A F) W_vr,
+        #     (F W_qw)(R^ W_kw)^T = F ((R^ W_kw) W_qw^T)^T.
+        # That turns the paper's 3 N D^2 term into L D^2: what remains is linear in N with only
+        # L D per token.
         # Retrieve (eq. R): each slot scores every token and keeps its k best.
-        q_r = self.W_qr(self.R.to(F_.dtype))                            # (L, D), shared by the batch
-        k_r = self.W_kr(F_)                                             # (B, N, D)
-        v_r = self.W_vr(F_)                                             # (B, N, D)
-        A_r = topk_softmax(q_r @ k_r.transpose(1, 2) * scale, k, dim=-1, mode=self.topk_mode)  # (B, L, N)
-        R_hat = A_r @ v_r                                               # (B, L, D)
-        # Write (eq. W): every token reads from the L filled slots with a plain softmax over L.
-        q_w = self.W_qw(F_)                                             # (B, N, D)
-        k_w = self.W_kw(R_hat)                                          # (B, L, D)
-        v_w = self.W_vw(R_hat)                                          # (B, L, D)
-        A_w = (q_w @ k_w.transpose(1, 2) * scale).softmax(dim=-1)       # (B, N, L)
-        F_hat = A_w @ v_w                                               # (B, N, D)
+        q_r = self.W_qr(self.R) @ self.W_kr.weight                      # (L, D): (R W_qr) W_kr^T
+        scores = q_r @ F_.transpose(1, 2) * scale                       # (B, L, N)
+        A_r = topk_softmax(scores, k, dim=-1, mode=self.topk_mode)      # (B, L, N), k non-zeros a row
+        R_hat = self.W_vr(A_r @ F_)                                     # (B, L, D): (A F) W_vr
+        # Write (eq. W): every token reads from the L filled slots, plain softmax over L.
+        k_w = self.W_kw(R_hat) @ self.W_qw.weight                       # (B, L, D): (R^ W_kw) W_qw^T
+        A_w = (F_ @ k_w.transpose(1, 2) * scale).softmax(dim=-1)        # (B, N, L)
+        F_hat = A_w @ self.W_vw(R_hat)                                  # (B, N, D)
         out = F_ + F_hat                                                # Broadcast (eq. B), w_r = 1
         if return_attention:
             return out, {"retrieve": A_r, "write": A_w}
