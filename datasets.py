@@ -51,8 +51,8 @@ Notes:
     gets a copy in the same state and all would augment identically.
   - Packaging C's normals are decoded exactly as 2x/255 - 1; a PNG cannot encode an exact zero
     vector, so no pixel of packaging C is marked invalid (the InvPT family trains on it the same way).
-  - Edge thinning implements the Guo-Hall two-subiteration algorithm (the one MTI-Net calls through
-    scikit-image); it was not compared pixel by pixel against scikit-image on this machine.
+  - Edge thinning is our implementation of Guo-Hall thinning (what MTI-Net calls through scikit-image):
+    it reproduces scikit-image's documented example, but was never compared on real label maps.
   - PASCAL semseg is read from ``semseg/VOC12/<id>.png`` when it exists, else from
     ``semseg/pascal-context/<id>.png`` (the order of the MTI-Net loader).
   - Packaging A (the original ASTMT tarball with .mat labels) is not supported.
@@ -331,16 +331,16 @@ class _Folder(Dataset):
     """Shared machinery: locate the dataset folder, read the split, check files, assemble samples.
 
     Subclasses define `name` (key of TASKS), `dirs` (folder names under a data root), `marker` (a
-    subfolder that identifies the dataset folder), `_split_path`, `_file(kind, id)`, `needs` (files
-    each task reads) and `_load(id, hw)`.
+    subfolder that identifies the dataset folder), `split_dir` (holding <split>.txt), `needs` (files
+    each task reads), `_file(kind, id)` and `_load(id, hw)`.
     """
-    name, dirs, marker, needs = "", (), "", {}
+    name, dirs, marker, split_dir, needs = "", (), "", "", {}
 
     def __init__(self, root, split: str, transform=None, tasks=None):
         self.tasks = _check_tasks(self.name, tasks)
         self.root = self._locate(root)
         self.split = split
-        self.split_file = self._split_path(split)
+        self.split_file = self.root / self.split_dir / f"{split}.txt"
         self.ids = _read_split(self.split_file)
         self.transform = transform
         self._setup()
@@ -411,7 +411,7 @@ class NYUD(_Folder):
 
     Packaging B (jpg + npy) or C (png) is detected from the image of the split's first id.
     """
-    name, dirs, marker = "nyud", SOURCES["nyud"]["dirs"], "gt_sets"
+    name, dirs, marker, split_dir = "nyud", SOURCES["nyud"]["dirs"], "gt_sets", "gt_sets"
     needs = {"semseg": ("semseg",), "depth": ("depth",), "normals": ("normals",), "edge": ("edge",)}
     LAYOUTS = {  # packaging -> kind -> path pattern
         "B": {"image": "images/{}.jpg", "semseg": "segmentation/{}.png", "depth": "depth/{}.npy",
@@ -419,9 +419,6 @@ class NYUD(_Folder):
         "C": {"image": "images/{}.png", "semseg": "segmentation/{}.png", "depth": "depth/{}.npy",
               "normals": "normals/{}.png", "edge": "edge/{}.png"},
     }
-
-    def _split_path(self, split):
-        return self.root / "gt_sets" / f"{split}.txt"
 
     def _setup(self):
         first = self.ids[0]
@@ -460,15 +457,12 @@ class PASCALContext(_Folder):
     Arguments as for NYUD; root is the folder holding ImageSets/ or a data root holding PASCAL_MT/,
     split a file in ImageSets/Context/.
     """
-    name, dirs, marker = "pascal", SOURCES["pascal"]["dirs"], "ImageSets"
+    name, dirs, marker, split_dir = "pascal", SOURCES["pascal"]["dirs"], "ImageSets", "ImageSets/Context"
     needs = {"semseg": ("semseg",), "parts": ("parts",), "sal": ("sal",),
              "normals": ("normals", "labelmap"), "edge": ("labelmap",)}
     LAYOUT = {"image": "JPEGImages/{}.jpg", "labelmap": "pascal-context/trainval/{}.mat",
               "parts": "human_parts/{}.mat", "normals": "normals_distill/{}.png",
               "sal": "sal_distill/{}.png"}
-
-    def _split_path(self, split):
-        return self.root / "ImageSets" / "Context" / f"{split}.txt"
 
     def _file(self, kind, id_):
         if kind == "semseg":                                        # VOC12 first, as MTI-Net does
@@ -477,12 +471,9 @@ class PASCALContext(_Folder):
         return self.root / self.LAYOUT[kind].format(id_)
 
     def _load(self, id_, hw):
-        out, labelmap = {}, None
+        out, lm_path = {}, self._file("labelmap", id_)
         if "edge" in self.tasks or "normals" in self.tasks:
-            lm_path = self._file("labelmap", id_)
             labelmap = _read_labelmap(lm_path)                      # (H, W) PASCAL-Context classes
-            if labelmap.shape != tuple(hw):
-                raise DatasetError(f"{lm_path}: LabelMap has shape {labelmap.shape}, the image is {tuple(hw)}")
         for task in self.tasks:
             path = self._file("labelmap" if task == "edge" else task, id_)
             if task == "semseg":
@@ -496,9 +487,10 @@ class PASCALContext(_Folder):
             elif task == "sal":
                 value = _binary(_read_png(path) / 255.0)
             elif task == "normals":
-                normals = _decode_normals_png(path)                 # (h, w, 3)
+                normals = _decode_normals_png(path)                 # (H, W, 3)
                 if normals.shape[:2] != labelmap.shape:
-                    raise DatasetError(f"{path}: normals have size {normals.shape[:2]}, the image is {tuple(hw)}")
+                    raise DatasetError(f"{path}: normals have size {normals.shape[:2]}, but its LabelMap "
+                                       f"{lm_path} has {labelmap.shape}")
                 normals[~np.isin(labelmap, PASCAL_NORMALS_CLASSES)] = 0.0
                 value = _check_normals(normals, path)
             else:  # edge
@@ -577,12 +569,7 @@ def download(url: str, dest, *, size=None, sha256=None, opener=None) -> Path:
     part = dest.with_name(dest.name + ".part")
     try:
         if "drive.google.com" in url:
-            try:
-                import gdown  # only needed for the NYUD download
-            except ImportError as e:
-                raise DatasetError("the NYUD download needs the gdown package (pip install gdown)") from e
-            if gdown.download(url, str(part), quiet=False, fuzzy=True) is None:
-                raise DatasetError(f"gdown could not download {url}")
+            _gdown(url, part)
         else:
             _stream(url, part, opener or (lambda u: urllib.request.urlopen(u, timeout=60)))
         _verify(part, size, sha256, label=f"download of {url}")
@@ -593,6 +580,23 @@ def download(url: str, dest, *, size=None, sha256=None, opener=None) -> Path:
             raise                                                   # ours, or KeyboardInterrupt
         raise DatasetError(f"downloading {url} failed: {type(e).__name__}: {e}") from e
     return dest
+
+
+def _gdown(url: str, part: Path):
+    """Google Drive through gdown (it handles the confirm token). gdown keeps its own partial files
+    next to its output, so it writes into a private temporary folder that is always removed."""
+    try:
+        import gdown  # only the NYUD download needs it
+    except ImportError as e:
+        raise DatasetError("the NYUD download needs the gdown package (pip install gdown)") from e
+    tmp = Path(tempfile.mkdtemp(prefix=".gdown.", dir=part.parent))
+    try:
+        out = gdown.download(url, str(tmp / part.stem), quiet=False, fuzzy=True)
+        if out is None:
+            raise DatasetError(f"gdown could not download {url}")
+        os.replace(out, part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _stream(url: str, part: Path, opener):
@@ -618,15 +622,11 @@ def safe_extract(archive, target) -> None:
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
-            for m in members:
+            for m in members:                                       # an absolute name resolves outside too
                 dest = (target / m.name).resolve()
-                link = None
-                if m.issym():
-                    link = (dest.parent / m.linkname).resolve()
-                elif m.islnk():
-                    link = (target / m.linkname).resolve()
-                outside = [p for p in (dest, link) if p is not None and not p.is_relative_to(target)]
-                if outside or m.isdev() or os.path.isabs(m.name):
+                link = ((dest.parent / m.linkname) if m.issym() else (target / m.linkname) if m.islnk()
+                        else dest).resolve()                        # where a link points
+                if not (dest.is_relative_to(target) and link.is_relative_to(target)) or m.isdev():
                     raise DatasetError(f"{archive}: member {m.name!r} would be written outside {target} "
                                        f"or is a device file; refusing to extract this archive")
             if hasattr(tarfile, "data_filter"):
@@ -655,10 +655,11 @@ def prepare_dataset(name: str, root=None, *, download_ok: bool = True, url=None,
     if name not in SOURCES:
         raise ValueError(f"name must be one of {sorted(SOURCES)}, got {name!r}")
     src, data_root = SOURCES[name], resolve_data_root(root)
-    for d in src["dirs"]:
-        if (data_root / d).is_dir():
-            validate_tree(name, data_root / d)
-            return data_root / d
+    present = ([data_root] if (data_root / _DATASET_CLASSES[name].marker).is_dir()   # root = the folder itself
+               else [data_root / d for d in src["dirs"] if (data_root / d).is_dir()])
+    if present:
+        validate_tree(name, present[0])
+        return present[0]
     archive = data_root / src["archive"]
     fetched = not archive.is_file()
     try:
@@ -696,7 +697,7 @@ def prepare_dataset(name: str, root=None, *, download_ok: bool = True, url=None,
 # Transforms on the sample dict (torch tensors; "meta" passes through unchanged)
 
 PAD_VALUE = {"semseg": IGNORE_INDEX, "parts": IGNORE_INDEX, "edge": IGNORE_INDEX, "sal": IGNORE_INDEX,
-             "depth": 0.0, "normals": 0.0, "image": None}              # image: ImageNet mean (-> 0)
+             "depth": 0.0, "normals": 0.0}                             # image: the ImageNet mean
 
 
 def _resize(x: torch.Tensor, hw: tuple, mode: str) -> torch.Tensor:

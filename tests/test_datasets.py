@@ -492,8 +492,11 @@ def test_pascal_bad_labels_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"cannot read .*2008_000002\.mat \(expected a Pascal-Part annotation"):
         D.PASCALContext(tmp_path, "train", tasks=["parts"])[1]
     savemat(tmp_path / "pascal-context" / "trainval" / "2008_000003.mat", {"LabelMap": np.ones((10, 11))})
-    with pytest.raises(DatasetError, match=r"2008_000003\.mat: LabelMap has shape \(10, 11\), the image is \(10, 12\)"):
+    with pytest.raises(DatasetError, match=r"2008_000003\.mat: edge has size \(10, 11\), but the image .*\(10, 12\)"):
         D.PASCALContext(tmp_path, "val", tasks=["edge"])[0]
+    with pytest.raises(DatasetError, match=r"2008_000003\.png: normals have size \(10, 12\), but its LabelMap "
+                                           r".*2008_000003\.mat has \(10, 11\)"):
+        D.PASCALContext(tmp_path, "val", tasks=["normals"])[0]
     savemat(tmp_path / "pascal-context" / "trainval" / "2008_000003.mat", {"Labels": np.ones((10, 12))})
     with pytest.raises(DatasetError, match=r"2008_000003\.mat \(expected a \.mat file with key 'LabelMap'\)"):
         D.PASCALContext(tmp_path, "val", tasks=["normals"])[0]
@@ -548,8 +551,10 @@ def test_download_extract_validate_and_clean_up(tmp_path, nyud_archive):
     got, want = D.NYUD(data, "train"), D.NYUD(tmp_path / "src", "train")
     assert [got[i]["meta"] for i in range(2)] == [want[i]["meta"] for i in range(2)]
     assert all(torch.equal(got[i]["semseg"], want[i]["semseg"]) for i in range(2))
-    # present and valid: no download (an opener that would fail proves it)
+    # present and valid: no download (an opener that would fail proves it), also when the root given
+    # is the dataset folder itself
     assert D.prepare_dataset("nyud", data, url="file:///nonexistent", opener=fail_if_called) == path
+    assert D.prepare_dataset("nyud", path, opener=fail_if_called) == path
 
 
 def fail_if_called(url):
@@ -674,9 +679,9 @@ def test_nyud_download_goes_through_gdown_and_cleans_up(tmp_path, monkeypatch):
     import gdown
     calls = []
 
-    def fake(url, output, quiet, fuzzy):
+    def fake(url, output, quiet, fuzzy):                            # gdown keeps partial bytes beside output
         calls.append(url)
-        Path(output).write_bytes(b"half a tarball")
+        Path(output + "x1y2z3w4.part").write_bytes(b"half a tarball")
         raise ConnectionError("no route to drive")
     monkeypatch.setattr(gdown, "download", fake)
     with pytest.raises(DatasetError) as e:
@@ -687,6 +692,18 @@ def test_nyud_download_goes_through_gdown_and_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setattr(gdown, "download", lambda url, output, quiet, fuzzy: None)
     with pytest.raises(DatasetError, match="gdown could not download"):
         D.prepare_dataset("nyud", tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_nyud_download_through_gdown_succeeds(tmp_path, monkeypatch, nyud_archive):
+    import gdown
+
+    def fake(url, output, quiet, fuzzy):                            # what gdown does on success
+        shutil.copy(nyud_archive[0], output)
+        return output
+    monkeypatch.setattr(gdown, "download", fake)
+    data = tmp_path / "data"
+    assert D.prepare_dataset("nyud", data) == data / "NYUD_MT" and os.listdir(data) == ["NYUD_MT"]
 
 
 def test_pascal_end_to_end_from_a_file_url(tmp_path):
