@@ -49,8 +49,9 @@ Notes:
     RNG, which DataLoader seeds in every worker (base seed + worker id): ``torch.manual_seed`` and a
     seeded DataLoader reproduce the augmentations. Don't pass one Generator to several workers: each
     gets a copy in the same state and all would augment identically.
-  - Packaging C's normals are decoded exactly as 2x/255 - 1; a PNG cannot encode an exact zero
-    vector, so no pixel of packaging C is marked invalid (the InvPT family trains on it the same way).
+  - Normals stored as PNG (NYUD packaging C, PASCAL) are decoded exactly as 2x/255 - 1, as the field
+    does: unit only up to quantisation, and never an exact zero vector, so every pixel of packaging C
+    counts as valid (PASCAL's are zeroed off the listed classes).
   - Edge thinning is our implementation of Guo-Hall thinning (what MTI-Net calls through scikit-image):
     it reproduces scikit-image's documented example, but was never compared on real label maps.
   - PASCAL semseg is read from ``semseg/VOC12/<id>.png`` when it exists, else from
@@ -120,12 +121,9 @@ SOURCES = {  # where each dataset comes from and which folder names it may have 
                          "pascal-context/trainval/<id>.mat, semseg/{VOC12,pascal-context}/<id>.png, "
                          "human_parts/<id>.mat, normals_distill/<id>.png, sal_distill/<id>.png"},
 }
-# ---- CHECKSUMS: nobody publishes them. After a download that validated, the program prints the
-# ---- sha256 and size; record them here so later downloads are verified byte for byte.
-CHECKSUMS = {
-    "NYUD_MT.tgz": {"size": None, "sha256": None},
-    "PASCAL_MT.tgz": {"size": None, "sha256": None},
-}
+# ---- CHECKSUMS: nobody publishes them. After a download that validated, the program prints the size
+# ---- and sha256: record them here and later downloads are verified byte for byte. None = unknown.
+CHECKSUMS = {"NYUD_MT.tgz": {"size": None, "sha256": None}, "PASCAL_MT.tgz": {"size": None, "sha256": None}}
 SPLIT_SIZES = {"nyud": {"train": 795, "val": 654}, "pascal": {"train": 4998, "val": 5105}}
 
 # PASCAL-Context LabelMap classes on which the distilled normals are kept (classes NYUD also has, plus
@@ -225,16 +223,6 @@ def _read_npy(path: Path, shape: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise DatasetError(f"{path}: contains NaN or infinite values")
     return arr.astype(np.float32)
-
-
-def _read_labelmap(path: Path) -> np.ndarray:
-    """The PASCAL-Context ``LabelMap`` (H, W) of class indices from a .mat file."""
-    from scipy.io import loadmat
-    with _reading(path, "a .mat file with key 'LabelMap'"):
-        labelmap = np.asarray(loadmat(path)["LabelMap"])
-    if labelmap.ndim != 2:
-        raise DatasetError(f"{path}: LabelMap must be 2-D, got shape {labelmap.shape}")
-    return labelmap.astype(np.int64)
 
 
 def _binary(x: np.ndarray) -> torch.Tensor:
@@ -471,9 +459,13 @@ class PASCALContext(_Folder):
         return self.root / self.LAYOUT[kind].format(id_)
 
     def _load(self, id_, hw):
+        from scipy.io import loadmat
         out, lm_path = {}, self._file("labelmap", id_)
         if "edge" in self.tasks or "normals" in self.tasks:
-            labelmap = _read_labelmap(lm_path)                      # (H, W) PASCAL-Context classes
+            with _reading(lm_path, "a .mat file with key 'LabelMap'"):
+                labelmap = np.asarray(loadmat(lm_path)["LabelMap"]).astype(np.int64)  # (H, W) classes
+            if labelmap.ndim != 2:
+                raise DatasetError(f"{lm_path}: LabelMap must be 2-D, got shape {labelmap.shape}")
         for task in self.tasks:
             path = self._file("labelmap" if task == "edge" else task, id_)
             if task == "semseg":
@@ -549,12 +541,11 @@ def _sha256(path: Path) -> str:
 
 def _verify(path: Path, size=None, sha256=None, label=None):
     """Check a file against a recorded size / sha256 (None = not recorded, skipped)."""
-    label = label or path.name
-    actual = path.stat().st_size
+    label, actual = label or path.name, path.stat().st_size
     if size is not None and actual != size:
         raise DatasetError(f"{label}: size {actual} bytes, expected {size}")
-    if sha256 is not None and _sha256(path) != sha256:
-        raise DatasetError(f"{label}: sha256 {_sha256(path)} does not match the recorded {sha256}")
+    if sha256 is not None and (digest := _sha256(path)) != sha256:
+        raise DatasetError(f"{label}: sha256 {digest} does not match the recorded {sha256}")
 
 
 def download(url: str, dest, *, size=None, sha256=None, opener=None) -> Path:

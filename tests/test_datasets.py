@@ -500,6 +500,9 @@ def test_pascal_bad_labels_name_the_file(tmp_path):
     savemat(tmp_path / "pascal-context" / "trainval" / "2008_000003.mat", {"Labels": np.ones((10, 12))})
     with pytest.raises(DatasetError, match=r"2008_000003\.mat \(expected a \.mat file with key 'LabelMap'\)"):
         D.PASCALContext(tmp_path, "val", tasks=["normals"])[0]
+    savemat(tmp_path / "pascal-context" / "trainval" / "2008_000003.mat", {"LabelMap": np.ones((2, 10, 12))})
+    with pytest.raises(DatasetError, match=r"2008_000003\.mat: LabelMap must be 2-D, got shape \(2, 10, 12\)"):
+        D.PASCALContext(tmp_path, "val", tasks=["edge"])[0]
 
 
 def test_bad_arguments_raise_value_errors(tmp_path):
