@@ -798,7 +798,8 @@ def _render(scene, H, W, rng):
                 hole[:, :W - 1 - k] |= (shadow & (width > k))[:, k:]
     depth = np.where(hole, np.float32(0), depth)
     normals = _to_output_frame(cv.R, n)
-    normals *= ~hole
+    # renormalise: curved surfaces' normals (P - c) / r inherit float32 rounding of the hit point
+    normals *= ~hole / np.sqrt(np.einsum("ihw,ihw->hw", normals, normals))
 
     K = np.array([[cv.f, 0, cv.cx], [0, cv.f, cv.cy], [0, 0, 1]])
     return {"image": image, "semseg": semseg, "depth": depth[None], "normals": normals,
