@@ -120,6 +120,94 @@ def bench_exchange(argv):
 BENCHES = {"exchange": bench_exchange}
 
 
+# --- edges: the exact edge metric on NYUD-sized maps -----------------------------------------
+
+def bench_edges(argv):
+    """Seconds per 480×640 image for EdgeMeter (99 thresholds), extrapolated to the 654 NYUD val images.
+
+    The maps are synthetic but shaped like a network's output: ground truth = boundaries of a random
+    Voronoi partition plus random curves; prediction = some edges dropped, spurious ones added,
+    blurred, scored at 1/4 resolution with noise, upsampled bilinearly (as the decoders do) and passed
+    through a sigmoid. Its background hovers around 0.02, so the lowest thresholds keep most of the
+    image: the thinning and matching then work on large regions, which is the slow case.
+    """
+    import time
+
+    import numpy as np
+    import torch
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    import metrics
+
+    parser = argparse.ArgumentParser(prog="bench.py edges", description=bench_edges.__doc__)
+    parser.add_argument("--images", type=int, default=8, help="synthetic images to score; more = steadier figure")
+    parser.add_argument("--processes", type=int, default=2, help="EdgeMeter worker processes (the target assumes 2)")
+    parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    parser.add_argument("--max-dist", type=float, default=0.011, help="0.011 NYUD, 0.0075 PASCAL")
+    parser.add_argument("--thresholds", type=int, default=99)
+    parser.add_argument("--background", type=float, default=-4.0,
+                        help="prediction logit away from edges; try -7 for cleaner (faster) maps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    H, W = args.size
+    rng = np.random.default_rng(args.seed)
+
+    def drawing(cells, curves):
+        seeds = rng.uniform(0, 1, (cells, 2)) * (H, W)
+        _, label = cKDTree(seeds).query(np.stack(np.mgrid[0:H, 0:W], -1).reshape(-1, 2))
+        label = label.reshape(H, W)
+        edge = np.zeros((H, W), bool)
+        edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+        edge[:-1] |= label[:-1] != label[1:]
+        for _ in range(curves):                     # random-walk strokes with slowly turning heading
+            heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.05, 200))
+            y = np.clip(rng.uniform(0, H) + np.cumsum(np.sin(heading)), 0, H - 1).round().astype(int)
+            x = np.clip(rng.uniform(0, W) + np.cumsum(np.cos(heading)), 0, W - 1).round().astype(int)
+            edge[y, x] = True
+        return edge
+
+    def prediction(gt):
+        kept = ndimage.gaussian_filter(rng.random((H, W)), 20) > 0.49      # drop some edges in patches
+        strength = ndimage.gaussian_filter((gt & kept) + 0.6 * drawing(12, 6), 2.0) * 5.0
+        low = strength[: H // 4 * 4, : W // 4 * 4].reshape(H // 4, 4, W // 4, 4).mean((1, 3))
+        logit = args.background + 9.0 * low + rng.normal(0, 0.6, low.shape)
+        logit = ndimage.zoom(logit, (H / low.shape[0], W / low.shape[1]), order=1)
+        return 1 / (1 + np.exp(-logit))
+
+    maps = []
+    for _ in range(args.images):
+        gt = drawing(70, 25)
+        maps.append((torch.from_numpy(prediction(gt))[None, None].float(), torch.from_numpy(gt)[None, None].long()))
+    print(f"# {args.images} synthetic {H}x{W} maps, {args.thresholds} thresholds, max_dist {args.max_dist}, "
+          f"GT edge pixels {np.mean([g.float().mean().item() for _, g in maps]):.1%}, "
+          f"prediction > 0.01 on {np.mean([(p > 0.01).float().mean().item() for p, _ in maps]):.0%} of pixels")
+    print("| mode | processes | s / image (wall) | NYUD val, 654 images | odsF | load before → after |")
+    print("|---|---:|---:|---:|---:|---|")
+    rows = []
+    for exact in (True, False):
+        meter = metrics.EdgeMeter(args.max_dist, args.thresholds, exact=exact, processes=args.processes)
+        meter.update(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))    # start the workers outside the timing
+        meter.reset()
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        for prob, gt in maps:
+            meter.update(prob, gt)
+        result = meter.compute()
+        per_image = (time.perf_counter() - start) / args.images
+        meter.close()
+        row = dict(exact=exact, processes=args.processes, s_per_image=per_image, nyud_val_s=654 * per_image,
+                   odsF=result["odsF" if exact else "odsF_approx"], load_before=load, load_after=os.getloadavg()[0])
+        rows.append(row)
+        print(f"| {'exact' if exact else 'approx'} | {args.processes} | {per_image:.3f} | "
+              f"{row['nyud_val_s'] / 60:.1f} min | {row['odsF']:.4f} | {load:.2f} → {row['load_after']:.2f} |",
+              flush=True)
+    return rows
+
+
+BENCHES["edges"] = bench_edges
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run")
