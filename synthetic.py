@@ -177,7 +177,7 @@ def _material(rng, cls, scale=(0.15, 0.6), axis=None):
     (None: random). Returns a dict of float32 arrays (cheap to evaluate, no Python objects inside).
     """
     kinds, colours = _KINDS[cls], _PALETTE[cls]
-    u = rng.random(16)
+    u = rng.random(18)
     c1 = np.minimum(colours[int(u[0] * len(colours))] * (0.92 + 0.16 * u[1:4]), 1)
     # the second colour: a darker shade of the first, or another colour of the class
     c2 = c1 * (0.55 + 0.3 * u[5]) if u[4] < 0.5 else \
@@ -189,7 +189,7 @@ def _material(rng, cls, scale=(0.15, 0.6), axis=None):
     k *= (2 * math.pi / period) / np.sqrt((k * k).sum(1, keepdims=True))  # wave vectors, rad / m
     return {"kind": kinds[int(u[11] * len(kinds))], "c1": c1.astype(np.float32), "c2": c2.astype(np.float32),
             "period": np.float32(period), "k": k.astype(np.float32),
-            "phase": (2 * math.pi * u[12:15]).astype(np.float32), "offset": u[13:16].astype(np.float32)}
+            "phase": (2 * math.pi * u[12:15]).astype(np.float32), "offset": u[15:18].astype(np.float32)}
 
 
 def _dot(k, P):
