@@ -208,6 +208,54 @@ def bench_edges(argv):
 BENCHES["edges"] = bench_edges
 
 
+def bench_data(argv):
+    """SyntheticRooms samples per second on one core: dataset[i] with every task, no transform.
+
+    One process, one thread (torch.set_num_threads(1); the renderer's numpy calls are single-threaded).
+    Each size renders fresh indices after a short warm-up; the cached row is dataset[i] from
+    SyntheticRooms(..., cache=True), whose rendering happens in the constructor, outside the timing.
+    """
+    import time
+
+    import torch
+
+    from synthetic import SyntheticRooms
+
+    parser = argparse.ArgumentParser(prog="bench.py data", description=bench_data.__doc__)
+    parser.add_argument("--samples", type=int, default=400, help="timed samples per size")
+    parser.add_argument("--sizes", nargs="+", default=["96x128", "192x256"], help="HxW image sizes")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"# dataset[i] with all tasks, {args.samples} fresh samples per size after 20 warm-up, 1 thread")
+    print("| size | cache | samples / s | ms / sample | ms / batch of 8 | load before → after |")
+    print("|---|---|---:|---:|---:|---|")
+    rows = []
+    for text in args.sizes:
+        H, W = (int(x) for x in text.lower().split("x"))
+        for cache in (False, True):
+            if cache and (H, W) != (96, 128):
+                continue                                     # the cache matters at the training size only
+            n = args.samples + 20
+            ds = SyntheticRooms("train", n, size=(H, W), seed=args.seed, cache=cache)
+            for i in range(20):
+                ds[i]
+            load = os.getloadavg()[0]
+            start = time.perf_counter()
+            for i in range(20, n):
+                ds[i]
+            per_sample = (time.perf_counter() - start) / args.samples
+            row = dict(size=(H, W), cache=cache, samples_per_s=1 / per_sample, ms_per_sample=per_sample * 1e3,
+                       load_before=load, load_after=os.getloadavg()[0])
+            rows.append(row)
+            print(f"| {H}×{W} | {'yes' if cache else 'no'} | {row['samples_per_s']:.0f} | {row['ms_per_sample']:.2f} "
+                  f"| {8 * row['ms_per_sample']:.1f} | {load:.2f} → {row['load_after']:.2f} |", flush=True)
+    return rows
+
+
+BENCHES["data"] = bench_data
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run")

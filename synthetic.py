@@ -511,7 +511,7 @@ def _to_output_frame(R, n_world):
     R's columns are the OpenCV camera axes (x right, y down, z forward) in the world, so R^T n gives
     OpenCV coordinates; NYUD's convention (our reading, see the module Notes) points z the other way.
     """
-    n = np.tensordot(R.T.astype(np.float32), n_world, axes=1)   # (3, H, W) OpenCV camera frame
+    n = np.einsum("ji,jhw->ihw", R.astype(np.float32), n_world)   # (3, H, W) OpenCV camera frame
     n[2] *= -1
     return n
 
