@@ -195,8 +195,9 @@ class SegMeter(_Meter):
         t, p = target[valid], pred[valid]                                   # (N,) each
         for name, x in (("target", t), ("pred", p)):
             if x.numel() and (x.min() < 0 or x.max() >= C):
-                raise ValueError(f"SegMeter.update: {name} labels must be in [0, {C - 1}] "
-                                 f"(or {self.ignore_index} in target), got range [{int(x.min())}, {int(x.max())}]")
+                extra = f" or {self.ignore_index} (ignore)" if name == "target" else ""
+                raise ValueError(f"SegMeter.update: {name} labels must be in [0, {C - 1}]{extra}, "
+                                 f"got range [{int(x.min())}, {int(x.max())}] among the other values")
         self._state[0] += torch.bincount(t * C + p, minlength=C * C).view(C, C)
 
     def compute(self):
@@ -289,8 +290,9 @@ class NormalsMeter(_Meter):
         n = int(self._state[0])
         self._require_data(n)
         s, s2 = self._state[1].tolist()
-        k = int(torch.searchsorted(self._state[3].cumsum(0), (n + 1) // 2))  # bin holding the middle angle
-        out = {"mean": s / n, "median": (k + 0.5) * 180.0 / self.NUM_BINS, "rmse": math.sqrt(s2 / n)}
+        # bins of the two middle order statistics (the same one when n is odd), as np.median averages
+        lo, hi = torch.searchsorted(self._state[3].cumsum(0), torch.tensor([(n + 1) // 2, n // 2 + 1])).tolist()
+        out = {"mean": s / n, "median": (lo + hi + 1) / 2 * 180.0 / self.NUM_BINS, "rmse": math.sqrt(s2 / n)}
         for w, c in zip(self.WITHIN, self._state[2].tolist()):
             out[f"within_{w:g}"] = 100.0 * c / n
         return out
@@ -308,7 +310,7 @@ class SaliencyMeter(_Meter):
     BETA2 = 0.3
 
     def __init__(self):
-        self.thresholds = np.linspace(0.05, 0.95, 19)
+        self.thresholds = np.arange(1, 20) / 20             # k / 20 exactly rounded: ties are well defined
         self.reset()
 
     def _layout(self):
@@ -535,7 +537,7 @@ def edge_thresholds(thresholds):
     if isinstance(thresholds, (int, np.integer)) and not isinstance(thresholds, bool):
         if thresholds < 1:
             raise ValueError(f"thresholds must be ≥ 1 (or a sequence in (0, 1]), got {thresholds}")
-        return np.linspace(1 / (thresholds + 1), thresholds / (thresholds + 1), thresholds)
+        return np.arange(1, thresholds + 1) / (thresholds + 1)        # k / (n + 1), each exactly rounded
     t = np.asarray(thresholds, np.float64)
     if t.ndim != 1 or t.size == 0 or not (t[0] > 0 and t[-1] <= 1 and np.all(np.diff(t) > 0)):
         raise ValueError(f"thresholds must be an int or an increasing sequence in (0, 1], got {thresholds!r}")
@@ -671,6 +673,8 @@ class EdgeMeter(_Meter):
         _check_binary_target(target, "EdgeMeter")
         args = (self.max_dist, self.thresholds, self.exact)
         for p, g in zip(prob[:, 0].numpy(), target[:, 0].numpy().astype(np.uint8)):
+            if (g == 255).all():
+                continue                                 # nothing to score: not an image for oisF either
             if self.processes == 1:
                 self._add(edge_counts(p, g, *args))
                 continue
