@@ -594,6 +594,18 @@ def test_edge_padding_with_ignore_changes_nothing(seed, pad):
         assert np.array_equal(a, c), f"exact={exact}\n{a}\n{c}"
 
 
+def test_edge_counts_without_predicted_or_ground_truth_edges():
+    line = line_image()
+    for exact in (True, False):
+        none = edge_counts(np.zeros((20, 20)), line, 0.05, 9, exact=exact)
+        assert (none[[0, 1, 2]] == 0).all() and (none[3] == line.sum()).all(), none
+        no_gt = edge_counts(line.astype(float), np.zeros((20, 20), np.uint8), 0.05, 9, exact=exact)
+        assert (no_gt[[0, 2, 3]] == 0).all() and (no_gt[1] == line.sum()).all(), no_gt
+    meter = EdgeMeter(0.05)
+    meter.update(torch.zeros(1, 1, 20, 20), torch.zeros(1, 1, 20, 20))
+    assert meter.compute()["odsF"] == 0.0 and meter.compute()["oisF"] == 0.0, meter.compute()
+
+
 def test_edge_oisF_picks_each_image_best_threshold():
     thresholds = [0.3, 0.7]
     gt = line_image()
