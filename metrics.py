@@ -130,13 +130,15 @@ class _Meter:
         """The tensors that are the whole state; summing them across meters merges the data."""
         return self._state
 
+    def _config(self):                          # what must agree for two states to add up
+        return ()
+
     def merge_(self, other):
         """Add another meter's counts to this one (in place); returns self."""
-        mine, theirs = self.states(), other.states() if isinstance(other, _Meter) else None
-        if type(other) is not type(self) or [t.shape for t in mine] != [t.shape for t in theirs]:
-            raise ValueError(f"{type(self).__name__}.merge_ needs a meter of the same type and "
-                             f"configuration, got {type(other).__name__}")
-        for a, b in zip(mine, theirs):
+        if type(other) is not type(self) or other._config() != self._config():
+            raise ValueError(f"{type(self).__name__}.merge_ needs a meter of the same type and configuration "
+                             f"{self._config()}, got {type(other).__name__} {getattr(other, '_config', tuple)()}")
+        for a, b in zip(self.states(), other.states()):
             a += b
         return self
 
@@ -185,6 +187,9 @@ class SegMeter(_Meter):
     def _layout(self):
         return [((self.num_classes, self.num_classes), torch.int64)]     # rows target, cols pred
 
+    def _config(self):
+        return (self.num_classes, self.ignore_index)
+
     def update(self, pred, target):
         pred, target = _cpu(pred, "pred", torch.int64), _cpu(target, "target", torch.int64)
         if pred.dim() != 3 or pred.shape != target.shape:
@@ -227,6 +232,9 @@ class DepthMeter(_Meter):
 
     def _layout(self):
         return [((1,), torch.int64), ((4,), torch.float64)]     # count; Σ err², Σ log err², Σ abs rel, Σ sq rel
+
+    def _config(self):
+        return (self.min_depth,)
 
     def update(self, pred, target):
         pred, target = _cpu(pred, "pred", torch.float64), _cpu(target, "target", torch.float64)
@@ -314,7 +322,7 @@ class SaliencyMeter(_Meter):
         self.reset()
 
     def _layout(self):
-        return [((2, len(self.thresholds)), torch.int64), ((1,), torch.int64)]   # [TP, predicted]; positives
+        return [((2, len(self.thresholds)), torch.int64), ((2,), torch.int64)]   # [TP, predicted]; positives, pixels
 
     def update(self, prob, target):
         prob, target = _cpu(prob, "prob", torch.float64), _cpu(target, "target", torch.int64)
@@ -328,12 +336,12 @@ class SaliencyMeter(_Meter):
         at_least = lambda h: np.cumsum(h[::-1])[::-1][1:]                   # (T,): #{level > t}
         self._state[0] += torch.from_numpy(np.stack([at_least(np.bincount(level[g], minlength=T + 1)),
                                                      at_least(np.bincount(level, minlength=T + 1))]))
-        self._state[1] += int(g.sum())
+        self._state[1] += torch.tensor([int(g.sum()), g.size])
 
     def compute(self):
         tp, pred = self._state[0].numpy()
-        pos = int(self._state[1])
-        self._require_data(pos + int(pred[0]) + (1 if pos else 0))
+        pos, pixels = self._state[1].tolist()
+        self._require_data(pixels)
         P, R = _safe_div(tp, pred), _safe_div(tp, pos)
         F = _safe_div((1 + self.BETA2) * P * R, self.BETA2 * P + R)
         i = int(np.argmax(F))
@@ -563,6 +571,10 @@ def edge_counts(prob, target, max_dist, thresholds=99, exact=True):
     t = edge_thresholds(thresholds)
     T = len(t)
     prob, target = np.asarray(prob, np.float64), np.asarray(target)
+    if prob.ndim != 2 or prob.shape != target.shape:
+        raise ValueError(f"edge_counts expects prob and target of the same (H, W) shape, got {prob.shape} and {target.shape}")
+    if not np.isin(target, (0, 1, 255)).all():
+        raise ValueError(f"edge_counts: target values must be 0, 1 or 255, got {np.setdiff1d(target, (0, 1, 255))[:5]}")
     keep = target != 255
     if not keep.any():
         return np.zeros((4, T), np.int64)
@@ -672,6 +684,9 @@ class EdgeMeter(_Meter):
         T = len(self.thresholds)
         return [((4, T), torch.int64), ((4,), torch.int64), ((1,), torch.int64)]   # per threshold; OIS; images
 
+    def _config(self):
+        return (self.max_dist, tuple(self.thresholds), self.exact)
+
     def reset(self):
         self._drain()
         super().reset()
@@ -717,7 +732,10 @@ class EdgeMeter(_Meter):
 
     def __del__(self):
         if getattr(self, "_pool", None) is not None:
-            self._pool.terminate()
+            try:
+                self._pool.terminate()
+            except Exception:                        # interpreter shutdown: the pool may be half gone
+                pass
 
     def __getstate__(self):
         self._drain()

@@ -159,8 +159,10 @@ def test_sync_meters_is_a_no_op_without_distributed_and_sums_with_gloo(tmp_path)
 def test_merge_rejects_other_types_and_configurations():
     with pytest.raises(ValueError, match="same type"):
         SegMeter(5).merge_(DepthMeter())
+    with pytest.raises(ValueError, match=r"configuration \(5, 255\), got SegMeter \(5, 0\)"):
+        SegMeter(5).merge_(SegMeter(5, ignore_index=0))
     with pytest.raises(ValueError, match="same type"):
-        SegMeter(5).merge_(SegMeter(6))
+        EdgeMeter(0.011).merge_(EdgeMeter(0.0075))
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -379,6 +381,12 @@ def test_saliency_perfect_prediction_and_ignore():
     other = SaliencyMeter()
     other.update(torch.where(target == 255, 1 - perfect, perfect), target)
     assert_states_equal(meter, other)
+
+
+def test_saliency_without_positives_or_predictions_is_zero_not_an_error():
+    meter = SaliencyMeter()
+    meter.update(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3))
+    assert meter.compute()["maxF"] == 0.0, meter.compute()
 
 
 def test_saliency_errors_name_the_problem():
@@ -654,6 +662,10 @@ def test_edge_errors_name_the_problem():
     meter.update(torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), 255))      # all ignored: no image counted
     with pytest.raises(ValueError, match="before any image"):
         meter.compute()
+    with pytest.raises(ValueError, match=r"same \(H, W\) shape, got \(4, 4\) and \(4, 5\)"):
+        edge_counts(np.zeros((4, 4)), np.zeros((4, 5)), 0.1)
+    with pytest.raises(ValueError, match=r"0, 1 or 255, got \[2\]"):
+        edge_counts(np.zeros((4, 4)), np.full((4, 4), 2), 0.1)
 
 
 # ----------------------------------------------------------------------------- Δm
