@@ -116,6 +116,7 @@ SALIENT = (BOX, BALL, CYLINDER, PERSON)
 HEAD, TORSO, UPPER_ARM, LOWER_ARM, UPPER_LEG, LOWER_LEG = range(1, len(PART_NAMES))
 
 _SPLIT_KEY = {"train": 0, "val": 1}  # spawn keys of the two independent seed streams
+_COMPACT = {"semseg": np.uint8, "parts": np.uint8, "edge": bool, "sal": bool}   # cache dtypes (others stay float32)
 _MIN_SIZE = 8
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +302,8 @@ def _sample_person(rng, scene):
         for lst, v in zip((b, a, r, h, split, lo, hi, c_lo, c_hi), (b_, a_, r_, h_, split_) + parts + colours):
             lst.append(v)
 
-    cylinder(base + up * (hip - 0.05 * sc), up, torso_r, shoulder - hip + 0.05 * sc, 0.0, (TORSO, TORSO), (shirt, shirt))
+    torso_h = shoulder - hip + 0.05 * sc                   # from just below the hips to the shoulders
+    cylinder(base + up * (hip - 0.05 * sc), up, torso_r, torso_h, 0.0, (TORSO, TORSO), (shirt, shirt))
     for side, (tilt, swing) in zip((-1, 1), (u[3:5], u[5:7])):
         tilt, swing = 0.05 + 0.4 * tilt, 0.7 * (swing - 0.5)  # radians: out to the side, forward/back
         axis = -up * math.cos(tilt) + side * lat * math.sin(tilt) + fwd * math.sin(swing)
@@ -413,7 +415,8 @@ def sample_scene(rng):
                                 "mat": _material(rng, BALL, (0.08, 0.3))})
         else:
             r, h, lying = 0.1 + 0.25 * w[1], 0.3 + 1.0 * w[2], w[3] < 0.3
-            a = np.array([math.cos(math.pi * w[4]), math.sin(math.pi * w[4]), 0.0]) if lying else np.array([0.0, 0.0, 1.0])
+            heading = math.pi * w[4]
+            a = np.array([math.cos(heading), math.sin(heading), 0.0]) if lying else np.array([0.0, 0.0, 1.0])
             xy = _place(rng, scene, math.hypot(h / 2, r) if lying else r, (1.3, 5.0))
             if xy is not None:
                 centre = np.array([xy[0], xy[1], r if lying else h / 2])
@@ -607,7 +610,8 @@ def _draw_room(cv, scene):
     for cls, mask in masks.items():
         if mask.any():
             rows, cols = _bbox(mask)
-            np.copyto(cv.albedo[:, rows, cols], _texture(scene["materials"][cls], P[:, rows, cols]), where=mask[rows, cols])
+            albedo = _texture(scene["materials"][cls], P[:, rows, cols])
+            np.copyto(cv.albedo[:, rows, cols], albedo, where=mask[rows, cols])
 
 
 def _draw_decals(cv, scene):
@@ -849,7 +853,8 @@ class SyntheticRooms(torch.utils.data.Dataset):
         if tasks is None:
             tasks = list(TASKS)
         elif isinstance(tasks, str):
-            raise ValueError(f"tasks must be a list of task names, got the string {tasks!r} (did you mean [{tasks!r}]?)")
+            raise ValueError(f"tasks must be a list of task names, got the string {tasks!r} "
+                             f"(did you mean [{tasks!r}]?)")
         else:
             tasks = list(dict.fromkeys(tasks))               # keep the order, drop repeats
             unknown = [t for t in tasks if t not in TASKS]
@@ -901,16 +906,14 @@ class SyntheticRooms(torch.utils.data.Dataset):
         """The requested arrays in the smallest lossless dtypes (for the cache)."""
         out = {"image": np.round(arrays["image"] * 255).astype(np.uint8)}
         for task in self.tasks:
-            a = arrays[task]
-            out[task] = a.astype(np.uint8) if task in ("semseg", "parts") else a.astype(bool) if task in ("edge", "sal") else a
+            out[task] = arrays[task].astype(_COMPACT.get(task, np.float32))
         return out
 
     def _expand(self, compact):
         """Inverse of _compact: the arrays exactly as render() gives them."""
         out = {"image": _from_bytes(compact["image"])}
         for task in self.tasks:
-            a = compact[task]
-            out[task] = a.astype(np.int64) if task in ("semseg", "parts") else a.astype(np.float32) if task in ("edge", "sal") else a.copy()
+            out[task] = compact[task].astype(np.int64 if task in ("semseg", "parts") else np.float32)   # a copy
         return out
 
     def __getitem__(self, i):

@@ -18,8 +18,6 @@ Pinned down:
   labelled pixels (rendered at 48 x 64 to stay fast; the scene does not depend on the size, and a
   separate test checks that the class shares barely move with the resolution).
 """
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -105,7 +103,8 @@ def test_sample_format_and_ranges(split, seed, index, size):
     assert (depth >= 0).all() and torch.isfinite(depth).all(), depth.min()
     norms = normals.norm(dim=0)
     valid = depth > 0
-    assert torch.equal(norms > 0, valid), f"normals non-zero at {(norms > 0).sum()} pixels, depth valid at {valid.sum()}"
+    assert torch.equal(norms > 0, valid), \
+        f"normals non-zero at {(norms > 0).sum()} pixels, depth valid at {valid.sum()}"
     assert (norms[valid] - 1).abs().max() < 1e-6, (norms[valid] - 1).abs().max()
     assert (normals[:, ~valid] == 0).all()
     assert valid.float().mean() > 0.5, f"only {valid.float().mean():.2f} of the depth is valid"
@@ -138,7 +137,8 @@ def test_tasks_subset_transform_and_indexing():
     (dict(size=None), r"size must be a pair of ints \(H, W\), got None"),
     (dict(seed=-1), r"seed must be an int >= 0, got -1"),
     (dict(seed=1.5), r"seed must be an int >= 0, got 1.5"),
-    (dict(tasks="semseg"), r"tasks must be a list of task names, got the string 'semseg' \(did you mean \['semseg'\]\?\)"),
+    (dict(tasks="semseg"),
+     r"tasks must be a list of task names, got the string 'semseg' \(did you mean \['semseg'\]\?\)"),
     (dict(tasks=["semseg", "segm"]), r"tasks must be a non-empty list of names from \['semseg', 'depth', 'normals', "
                                      r"'edge', 'sal', 'parts'\], got \['semseg', 'segm'\] \(unknown: \['segm'\]\)"),
     (dict(tasks=[]), r"tasks must be a non-empty list of names from .*got \[\]"),
@@ -182,7 +182,8 @@ def test_normals_agree_with_depth_and_face_the_camera(split, seed, index, size):
     f, cx, cy = K[0, 0], K[0, 2], K[1, 2]
     dot = normals[0] * (np.arange(W) - cx) / f + normals[1] * (np.arange(H)[:, None] - cy) / f - normals[2]
     valid = depth > 0
-    assert (dot[valid] < 0).all(), f"{(dot[valid] >= 0).sum()} valid normals face away, max n.ray {dot[valid].max():.3f}"
+    assert (dot[valid] < 0).all(), \
+        f"{(dot[valid] >= 0).sum()} valid normals face away, max n.ray {dot[valid].max():.3f}"
     # y points down the image: the floor's normal points up (n_y < 0), the ceiling's down
     floor, ceiling = valid & (a["semseg"] == S.FLOOR), valid & (a["semseg"] == S.CEILING)
     assert (normals[1][floor] < -0.5).all() and (normals[1][ceiling] > 0.5).all()
