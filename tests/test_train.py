@@ -1,0 +1,236 @@
+"""train.py end to end on the CPU, through the command line, with tiny synthetic runs.
+
+Pinned down: a run learns (the loss falls) and writes every output, all parseable and in range;
+an interrupted run resumed from its checkpoint logs exactly the losses of an uninterrupted one;
+--eval-only reproduces the final metrics from the checkpoint; two gloo processes reach the
+parameters one process reaches with the same global batch; bf16 autocast runs on the CPU; the real
+NYUD loader path works on a packaging-B tree written by export_nyud_layout; a non-finite loss stops
+the run naming the task and leaves the last checkpoint intact; every bad input gives its message
+and a non-zero exit code without a traceback.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import datasets
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-samples", "24",
+        "--val-samples", "4", "--workers", "0", "--batch-size", "2", "--log-interval", "2"]
+
+
+def run(args, check=True, timeout=300, **kwargs):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def assert_same_metrics(a, b, rel):
+    """Nested dicts / lists of numbers equal to a relative tolerance (None = NaN written as null)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_metrics(a[k], b[k], rel)
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_metrics(x, y, rel)
+    elif a is None or b is None or isinstance(a, str):
+        assert a == b
+    else:
+        assert a == pytest.approx(b, rel=rel, abs=1e-12)
+
+
+def train_losses(path):
+    return [(r["iter"], r["loss"], r["losses"]) for r in read_jsonl(path) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    proc = run([*TINY, "--max-iters", "40", "--eval-interval", "20", "--out-dir", str(out)])
+    return out, proc
+
+
+def test_a_tiny_run_learns_and_writes_every_output(tiny_run):
+    out, proc = tiny_run
+    for name in ("config.json", "metrics.jsonl", "ckpt.pt", "best.pt", "results.json",
+                 "eval_000020.png", "eval_000040.png"):
+        assert (out / name).is_file(), f"{name} missing; stdout:\n{proc.stdout}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "synthetic" and config["max_iters"] == 40 and config["dim"] == 16
+    losses = train_losses(out / "metrics.jsonl")
+    assert [it for it, _, _ in losses] == list(range(2, 41, 2))
+    first, last = losses[0][1], sum(l for _, l, _ in losses[-3:]) / 3
+    assert last < 0.8 * first, f"loss did not fall: first {first:.3f}, last three {last:.3f}"
+    results = json.loads((out / "results.json").read_text())
+    m = results["metrics"]
+    assert set(m) == set(datasets.TASKS["synthetic"])
+    assert 0 <= m["semseg"]["mIoU"] <= 1 and 0 <= m["parts"]["mIoU"] <= 1
+    assert m["depth"]["rmse"] > 0 and math.isfinite(m["depth"]["rmse"])
+    assert 0 <= m["normals"]["mean"] <= 180
+    assert 0 <= m["edge"]["odsF"] <= 1 and 0 <= m["sal"]["maxF"] <= 1
+    assert results["parameters"] > 0 and results["train_images_per_s"] > 0 and results["wall_time_s"] > 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iteration"] == 40 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [e["exact_edges"] for e in evals] == [False, True]
+    assert "odsF_approx" in evals[0]["metrics"]["edge"] and "odsF" in evals[1]["metrics"]["edge"]
+    assert "img/s" in proc.stdout and "eta" in proc.stdout
+
+
+def test_eval_only_reproduces_the_final_metrics(tiny_run):
+    out, _ = tiny_run
+    run(["--eval-only", "--ckpt", str(out / "ckpt.pt"), "--workers", "0"])
+    evaluated = json.loads((out / "eval_ckpt.json").read_text())["metrics"]
+    final = json.loads((out / "results.json").read_text())["metrics"]
+    assert_same_metrics(evaluated, final, rel=1e-9)
+
+
+def test_resume_continues_exactly(tiny_run, tmp_path):
+    """Kill a run once it has checkpointed, resume it, and compare every logged loss."""
+    reference, _ = tiny_run
+    out = tmp_path / "b"
+    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--max-iters", "40", "--eval-interval", "20",
+            "--out-dir", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iteration"]
+    assert stopped_at == 20, "the run must have been stopped between its two checkpoints"
+    run(["--resume", str(out), "--workers", "0"])
+    assert train_losses(out / "metrics.jsonl") == train_losses(reference / "metrics.jsonl")
+    assert json.loads((out / "results.json").read_text())["metrics"] == \
+        json.loads((reference / "results.json").read_text())["metrics"]
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    common = [*TINY, "--max-iters", "4", "--eval-interval", "4", "--tasks", "semseg,depth,normals"]
+    run([*common, "--batch-size", "4", "--out-dir", str(tmp_path / "one")])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "train.py")]
+    proc = subprocess.run([*launcher, *common, "--batch-size", "2", "--out-dir", str(tmp_path / "two")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=f"parameter {name}")
+    assert train_losses(tmp_path / "one" / "metrics.jsonl")[-1][1] == pytest.approx(
+        train_losses(tmp_path / "two" / "metrics.jsonl")[-1][1], rel=1e-4)
+
+
+def test_bf16_autocast_runs_on_the_cpu(tmp_path):
+    run([*TINY, "--max-iters", "4", "--eval-interval", "4", "--amp", "bf16", "--out-dir", str(tmp_path / "bf16")])
+    results = json.loads((tmp_path / "bf16" / "results.json").read_text())
+    assert all(math.isfinite(v) for m in results["metrics"].values() for v in m.values() if isinstance(v, float))
+
+
+def test_the_real_nyud_path_on_an_exported_packaging_b_tree(tmp_path):
+    source = datasets.SyntheticRooms("train", 6, size=(48, 64), seed=3, tasks=["semseg", "depth", "normals", "edge"])
+    datasets.export_nyud_layout(torch.utils.data.Subset(source, range(4)), tmp_path / "NYUD_MT", "train")
+    datasets.export_nyud_layout(torch.utils.data.Subset(source, range(4, 6)), tmp_path / "NYUD_MT", "val")
+    out = tmp_path / "run"
+    proc = run(["--dataset", "nyud", "--data-dir", str(tmp_path), "--no-download", "--backbone", "tiny",
+                "--no-pretrained", "--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--workers", "0",
+                "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--log-interval", "1",
+                "--out-dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"semseg", "depth", "normals", "edge"}
+    assert "4 train / 2 val images" in proc.stdout
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    original = train.compute_losses
+
+    def poisoned(outputs, batch, tasks):
+        losses = original(outputs, batch, tasks)
+        calls["n"] += 1
+        if calls["n"] > 3:
+            losses["depth"] = losses["depth"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train, "compute_losses", poisoned)
+    out = tmp_path / "nan"
+    code = train.cli([*TINY, "--max-iters", "8", "--eval-interval", "2", "--out-dir", str(out)])
+    message = capsys.readouterr().err
+    assert code != 0 and "the depth loss became nan" in message and "ckpt.pt" in message, message
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "semseg,height"], "unknown task(s) height for --dataset synthetic; valid tasks are semseg"),
+    (["--topk", "0"], "--topk must be a count >= 1 or a fraction in (0, 1], got 0"),
+    (["--topk", "1.5"], "got 1.5"),
+    (["--num-slots", "0"], "--num-slots must be between 1 and"),
+    (["--etf", "slots", "--exchange", "cross"], "needs --exchange kem"),
+    (["--backbone", "tiny", "--pretrained"], "the tiny backbone has no pretrained weights"),
+    (["--train-samples", "5", "--dataset", "nyud"], "only applies to --dataset synthetic"),
+    (["--eval-only"], "--eval-only needs --ckpt"),
+    (["--resume", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
+])
+def test_bad_input_gives_one_paragraph_and_exit_code(args, message, capsys, tmp_path):
+    code = train.cli([*args, "--out-dir", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet' (choose from"),
+    (["--backbone", "vit"], "invalid choice: 'vit' (choose from"),
+    (["--max-iters", "ten"], "invalid int value: 'ten'"),
+])
+def test_unknown_choices_list_the_valid_ones(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.cli(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_real_data_says_what_to_do(tmp_path, capsys):
+    code = train.cli(["--dataset", "nyud", "--data-dir", str(tmp_path), "--no-download", "--no-pretrained",
+                      "--backbone", "tiny", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--dataset synthetic" in err and str(tmp_path) in err, err
+
+
+def test_runs_refuse_to_mix(tiny_run, capsys, tmp_path):
+    out, _ = tiny_run
+    code = train.cli(["--out-dir", str(out)])
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+    code = train.cli(["--resume", str(out), "--exchange", "cross"])
+    err = capsys.readouterr().err
+    assert code == 2 and "exchange: checkpoint 'kem', now 'cross'" in err, err
+    code = train.cli(["--eval-only", "--ckpt", str(out / "ckpt.pt"), "--exchange", "none"])
+    assert code == 2 and "exchange: checkpoint 'kem', now 'none'" in capsys.readouterr().err
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((out / "ckpt.pt").read_bytes()[:1000])
+    code = train.cli(["--eval-only", "--ckpt", str(broken)])
+    assert code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_the_command_line_exits_without_a_traceback(tmp_path):
+    proc = run(["--tasks", "nothing", "--out-dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode == 2 and "error: unknown task(s) nothing" in proc.stderr
+    assert "Traceback" not in proc.stderr
