@@ -89,16 +89,18 @@ def _cpu(x, name, dtype):
 
 
 def _check_4d(pred, target, channels, who):
-    """pred (B, C, H, W) with C in `channels` (None = any), target (B, 1 or C, H, W)."""
-    if pred.dim() != 4 or (channels is not None and pred.shape[1] not in channels):
-        want = "any C" if channels is None else f"C = {channels[0]}"
-        raise ValueError(f"{who}.update: pred must have shape (B, C, H, W) with {want}, got {tuple(pred.shape)}")
-    if target.dim() != 4 or target.shape[0] != pred.shape[0] or target.shape[2:] != pred.shape[2:]:
+    """pred and target (B, channels, H, W) with the same B, H, W."""
+    for name, x in (("pred", pred), ("target", target)):
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"{who}.update: {name} must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
+    if target.shape[0] != pred.shape[0] or target.shape[2:] != pred.shape[2:]:
         raise ValueError(f"{who}.update: target shape {tuple(target.shape)} does not match pred shape "
                          f"{tuple(pred.shape)} (batch and spatial sizes must agree)")
 
 
 def _check_prob(prob, who):
+    if prob.numel() == 0:
+        return
     lo, hi = float(prob.min()), float(prob.max())
     if not (0.0 <= lo and hi <= 1.0):           # also catches NaN
         raise ValueError(f"{who}.update: prob must be probabilities in [0, 1] (apply the sigmoid once), "
@@ -238,7 +240,7 @@ class DepthMeter(_Meter):
 
     def update(self, pred, target):
         pred, target = _cpu(pred, "pred", torch.float64), _cpu(target, "target", torch.float64)
-        _check_4d(pred, target, (1,), "DepthMeter")
+        _check_4d(pred, target, 1, "DepthMeter")
         valid = (target > 0) & torch.isfinite(target)
         p, g = pred[valid], target[valid]                                   # (N,) each
         if not torch.isfinite(p).all():
@@ -276,9 +278,7 @@ class NormalsMeter(_Meter):
 
     def update(self, pred, target):
         pred, target = _cpu(pred, "pred", torch.float64), _cpu(target, "target", torch.float64)
-        _check_4d(pred, target, (3,), "NormalsMeter")
-        if target.shape[1] != 3:
-            raise ValueError(f"NormalsMeter.update: target must have 3 channels, got {target.shape[1]}")
+        _check_4d(pred, target, 3, "NormalsMeter")
         p = pred.permute(0, 2, 3, 1).reshape(-1, 3)                          # (B·H·W, 3)
         g = target.permute(0, 2, 3, 1).reshape(-1, 3)
         valid = g.abs().sum(1) > 0
@@ -326,7 +326,7 @@ class SaliencyMeter(_Meter):
 
     def update(self, prob, target):
         prob, target = _cpu(prob, "prob", torch.float64), _cpu(target, "target", torch.int64)
-        _check_4d(prob, target, (1,), "SaliencyMeter")
+        _check_4d(prob, target, 1, "SaliencyMeter")
         _check_prob(prob, "SaliencyMeter")
         _check_binary_target(target, "SaliencyMeter")
         valid = target != 255
@@ -693,7 +693,7 @@ class EdgeMeter(_Meter):
 
     def update(self, prob, target):
         prob, target = _cpu(prob, "prob", torch.float64), _cpu(target, "target", torch.int64)
-        _check_4d(prob, target, (1,), "EdgeMeter")
+        _check_4d(prob, target, 1, "EdgeMeter")
         _check_prob(prob, "EdgeMeter")
         _check_binary_target(target, "EdgeMeter")
         args = (self.max_dist, self.thresholds, self.exact)
