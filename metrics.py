@@ -445,7 +445,8 @@ def thin(mask):
 
 def _gather(indptr, indices, rows):
     """All (row, column) entries of the given CSR rows, grouped by row."""
-    start, cnt = indptr[rows], indptr[rows + 1] - indptr[rows]
+    start = indptr[rows]
+    cnt = indptr[rows + 1] - start
     ends = np.cumsum(cnt)
     pos = np.arange(ends[-1] if cnt.size else 0) + np.repeat(start - (ends - cnt), cnt)
     return np.repeat(rows, cnt), indices[pos]
@@ -482,7 +483,8 @@ class _Matcher:
         return int(np.count_nonzero(mp[active] >= 0))
 
     def _greedy(self, free):
-        """Each free p takes its nearest free g (rows are sorted by distance); clashes retry."""
+        """Each free p takes a free g in range that the fewest free p want (the nearest such g); clashes
+        retry. Serving the scarcest g first, like the Karp-Sipser degree rule, leaves fewer augmentations."""
         mp, mg = self.mate_p, self.mate_g
         while free.size:
             p, g = _gather(self.indptr, self.indices, free)
@@ -490,8 +492,12 @@ class _Matcher:
             p, g = p[ok], g[ok]
             if not p.size:
                 return
-            first = np.r_[True, p[1:] != p[:-1]]
-            p, g = p[first], g[first]
+            new = np.r_[True, p[1:] != p[:-1]]                  # first entry of each p's row
+            demand = np.bincount(g, minlength=mg.size)[g]       # free p wanting each entry's g
+            scarcest = np.minimum.reduceat(demand, np.flatnonzero(new))[np.cumsum(new) - 1]
+            pick = np.flatnonzero(demand == scarcest)
+            pick = pick[np.r_[True, p[pick][1:] != p[pick][:-1]]]    # rows are sorted by distance
+            p, g = p[pick], g[pick]
             win = _one_per(g, self.own_g)
             mp[p[win]], mg[g[win]] = g[win], p[win]
             free = p[~win]
