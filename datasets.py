@@ -52,8 +52,9 @@ Notes:
   - Normals stored as PNG (NYUD packaging C, PASCAL) are decoded exactly as 2x/255 - 1, as the field
     does: unit only up to quantisation, and never an exact zero vector, so every pixel of packaging C
     counts as valid (PASCAL's are zeroed off the listed classes).
-  - Edge thinning is our implementation of Guo-Hall thinning (what MTI-Net calls through scikit-image):
-    it reproduces scikit-image's documented example, but was never compared on real label maps.
+  - Edge thinning is metrics.thin, our implementation of Guo-Hall thinning (what MTI-Net calls through
+    scikit-image): it reproduces scikit-image's documented example, but was never compared on real
+    label maps.
   - PASCAL semseg is read from ``semseg/VOC12/<id>.png`` when it exists, else from
     ``semseg/pascal-context/<id>.png`` (the order of the MTI-Net loader).
   - Packaging A (the original ASTMT tarball with .mat labels) is not supported.
@@ -78,6 +79,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from metrics import thin  # noqa: F401  (re-exported: datasets.thin)
 from synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from synthetic import TASKS as SYNTHETIC_TASKS
 from synthetic import SyntheticRooms  # re-exported: the offline dataset
@@ -245,41 +247,8 @@ def _read_split(path: Path) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Edges from a label map: Laplacian, then Guo-Hall thinning
-
-def thin(mask: np.ndarray) -> np.ndarray:
-    """Thin a binary (H, W) mask to one-pixel-wide curves (Guo & Hall 1989, two subiterations).
-
-    A foreground pixel p with 8-neighbours x1..x8 (x1 = east, counter-clockwise; x9 = x1) is deleted
-    when (G1) exactly one of x1, x3, x5, x7 is 0 with x_{2k} or x_{2k+1} set (one 8-connected crossing),
-    (G2) 2 <= min(n1, n2) <= 3 with n1 = sum_k (x_{2k-1} or x_{2k}), n2 = sum_k (x_{2k} or x_{2k+1}),
-    and (G3) in the first subiteration not ((x2 or x3 or not x8) and x1), in the second the same
-    rotated by 180 degrees. Deletions within a subiteration are simultaneous; repeat until stable.
-    Pixels outside the image count as background.
-    """
-    skel = np.asarray(mask, dtype=bool).copy()
-    if skel.ndim != 2:
-        raise ValueError(f"thin expects a 2-D mask, got shape {skel.shape}")
-    while True:
-        changed = False
-        for first in (True, False):
-            p = np.pad(skel, 1)
-            # x[0..7] = x1..x8: E, NE, N, NW, W, SW, S, SE (row 0 is the top of the image)
-            x = [p[1:-1, 2:], p[:-2, 2:], p[:-2, 1:-1], p[:-2, :-2],
-                 p[1:-1, :-2], p[2:, :-2], p[2:, 1:-1], p[2:, 2:]]
-            crossings = sum((~x[i] & (x[i + 1] | x[(i + 2) % 8])).astype(np.uint8) for i in (0, 2, 4, 6))
-            n1 = sum((x[i] | x[i + 1]).astype(np.uint8) for i in (0, 2, 4, 6))
-            n2 = sum((x[i + 1] | x[(i + 2) % 8]).astype(np.uint8) for i in (0, 2, 4, 6))
-            nmin = np.minimum(n1, n2)
-            e, ne, n, nw, w, sw, s, se = x
-            g3 = ~((ne | n | ~se) & e) if first else ~((sw | s | ~nw) & w)
-            delete = skel & (crossings == 1) & (nmin >= 2) & (nmin <= 3) & g3
-            if delete.any():
-                skel &= ~delete
-                changed = True
-        if not changed:
-            return skel
-
+# Edges from a label map: Laplacian, then thinning (metrics.thin: the same Guo-Hall thinning the
+# edge metric applies to predictions, so labels and scored predictions are thinned alike)
 
 def _label_edges(labelmap: np.ndarray) -> np.ndarray:
     """Pixels where the 4-neighbour Laplacian of the label map is non-zero, thinned: (H, W) bool.
@@ -823,7 +792,7 @@ DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}                    # synthetic
 
 
 def build_dataset(name: str, split: str, *, root=None, train=None, size=None, tasks=None,
-                  download=True, num_samples=None, seed=0) -> Dataset:
+                  download=True, num_samples=None, seed=0, cache=False) -> Dataset:
     """A ready dataset for train.py.
 
     Args:
@@ -837,6 +806,7 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
         num_samples: synthetic: number of samples (default 2,000 train / 200 val); real datasets:
             keep only the first num_samples ids (quick runs).
         seed: synthetic scene seed.
+        cache: synthetic: render every scene once, up front, and keep it in memory.
     """
     if name not in TASKS:
         raise ValueError(f"name must be one of {sorted(TASKS)}, got {name!r}")
@@ -852,7 +822,7 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
     transform = TrainTransform(size) if train else EvalTransform(size)
     if name == "synthetic":
         return SyntheticRooms(split, num_samples or DEFAULT_NUM_SAMPLES[split], size=size, seed=seed,
-                              tasks=list(tasks), transform=transform)
+                              tasks=list(tasks), transform=transform, cache=cache)
     path = prepare_dataset(name, root, download_ok=download)
     ds = _DATASET_CLASSES[name](path, split, transform=transform, tasks=tasks)
     return ds if num_samples is None else Subset(ds, range(min(num_samples, len(ds))))

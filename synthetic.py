@@ -802,6 +802,14 @@ def _render(scene, H, W, rng):
                 hole[:, :W - 1 - k] |= (shadow & (width > k))[:, k:]
     depth = np.where(hole, np.float32(0), depth)
     normals = _to_output_frame(cv.R, n)
+    # Silhouette pixels of curved surfaces are hit at grazing incidence, where rounding can leave
+    # n . ray >= 0; tilt those normals by the smallest amount that makes them face the camera.
+    ray = np.stack(np.broadcast_arrays((np.arange(W, dtype=np.float32) - cv.cx) / cv.f,
+                                       ((np.arange(H, dtype=np.float32) - cv.cy) / cv.f)[:, None],
+                                       np.float32(-1)))                                # (3, H, W)
+    ray /= np.sqrt(np.einsum("ihw,ihw->hw", ray, ray))
+    excess = np.maximum(np.einsum("ihw,ihw->hw", normals, ray) + np.float32(1e-3), 0)  # (H, W), 0 almost everywhere
+    normals -= excess * ray                                                           # now n . ray = -1e-3 there
     # renormalise: curved surfaces' normals (P - c) / r inherit float32 rounding of the hit point
     normals *= ~hole / np.sqrt(np.einsum("ihw,ihw->hw", normals, normals))
 

@@ -406,7 +406,7 @@ def test_thin_keeps_one_pixel_lines_and_thins_bands():
     band[1:4, 1:11] = True                                          # three pixels thick
     thinned = D.thin(band)
     assert (thinned[:, 3:9].sum(0) == 1).all()                      # one pixel thick away from the ends
-    with pytest.raises(ValueError, match="2-D mask"):
+    with pytest.raises(ValueError, match="2-D binary image"):
         D.thin(np.zeros((2, 2, 2)))
 
 
