@@ -1,6 +1,10 @@
 """Benchmarks: how fast, how much memory. Numbers come from here, never from timed tests.
 
     python bench.py exchange      # KEM vs cross-attention, forward+backward, time and peak memory
+    python bench.py step          # a whole training step of MultiTaskNet with kem / cross / none
+    python bench.py etf           # what projecting the tokens into ETF space costs
+    python bench.py data          # SyntheticRooms samples per second
+    python bench.py edges         # the exact edge metric on 480x640 maps
     python bench.py --help        # every benchmark this file holds
 
 Each benchmark is a function `bench_<name>(args)` registered in BENCHES at the bottom; it prints
@@ -22,35 +26,54 @@ def machine_line():
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load:.2f}")
 
 
-# --- exchange: KEM vs cross-attention --------------------------------------------------------
+# --- measuring one step in a fresh process ----------------------------------------------------
 
-def _time_and_memory(kind, N, D, B, L, k_frac, repeats, device, queue):
-    """Runs in a fresh process: forward+backward seconds and the peak extra memory (MB)."""
-    import resource
-    import time
-
+def _make_step(spec, device):
+    """spec (a tuple, so it pickles) -> a function running one timed step on `device`."""
     import torch
 
-    from kem_mtl import KEM, CrossTaskAttention
+    from etf import ETFProjection
+    from kem_mtl import KEM, CrossTaskAttention, MultiTaskNet
 
     torch.manual_seed(0)
-    if kind == "kem":
-        module = KEM(D, L, max(1, round(k_frac * N)))
-    elif kind == "cross":
-        module = CrossTaskAttention(D)
-    else:  # "proj3": KEM's cost floor if it projected every token, as the equations are written
-        module = torch.nn.ModuleList(torch.nn.Linear(D, D, bias=False) for _ in range(3))
+    kind = spec[0]
+    if kind == "step":       # a whole training step of MultiTaskNet: forward, losses, backward, AdamW
+        _, exchange, H, W, B, dim, tasks = spec
+        model = MultiTaskNet(dict(tasks), exchange=exchange, dim=dim).to(device)
+        opt = torch.optim.AdamW(model.parameters())
+        images = torch.randn(B, 3, H, W, device=device)
+
+        def step():
+            loss = sum(o.float().square().mean() for o in model(images).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+    _, N, D, B, L, k = spec  # one module, forward + backward on (B, N, D) tokens
+    module = {"kem": lambda: KEM(D, L, k), "cross": lambda: CrossTaskAttention(D), "etf": lambda: ETFProjection(D),
+              # KEM's cost floor if it projected every token three times, as the equations are written:
+              "proj3": lambda: torch.nn.ModuleList(torch.nn.Linear(D, D, bias=False) for _ in range(3))}[kind]()
     module = module.to(device)
     x = torch.randn(B, N, D, device=device, requires_grad=True)
 
     def step():
         y = sum(p(x) for p in module) if kind == "proj3" else module(x)
         y.sum().backward()
+    return step
 
+
+def _time_and_memory(spec, repeats, device, queue):
+    """Runs in a fresh process: seconds per step and the peak extra memory (MB)."""
+    import resource
+    import time
+
+    import torch
+
+    step = _make_step(spec, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:  # the process's high-water mark so far: imports, module and input, nothing computed yet
+    else:  # the process's high-water mark so far: imports, model and input, nothing computed yet
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # bytes (Linux: KiB)
     step()                                                     # warm-up
     if device == "cuda":
@@ -68,19 +91,28 @@ def _time_and_memory(kind, N, D, B, L, k_frac, repeats, device, queue):
     queue.put((seconds, max(extra, 0) / 2**20))
 
 
-def measure_exchange(kind, N, *, D=128, B=2, L=16, k_frac=1 / 8, repeats=3, device="cpu"):
-    """(seconds per forward+backward, peak MB) for one module, in its own process so the
-    memory high-water mark belongs to this measurement alone."""
+def measure(spec, repeats=3, device="cpu"):
+    """(seconds per step, peak MB) for one spec, in its own process so the memory high-water mark
+    belongs to this measurement alone."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_time_and_memory, args=(kind, N, D, B, L, k_frac, repeats, device, queue))
+    proc = ctx.Process(target=_time_and_memory, args=(spec, repeats, device, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
+
+def _write_json(path, rows, args):
+    import json
+
+    with open(path, "w") as f:
+        json.dump(dict(machine=machine_line(), args=vars(args), rows=rows), f, indent=1)
+
+
+# --- exchange: KEM vs cross-attention --------------------------------------------------------
 
 def bench_exchange(argv):
     parser = argparse.ArgumentParser(prog="bench.py exchange",
@@ -93,6 +125,7 @@ def bench_exchange(argv):
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--plot", help="also draw time and memory against N into this PNG")
     args = parser.parse_args(argv)
     print(f"# D={args.dim} B={args.batch} L={args.slots} k=N*{args.topk:g}; forward+backward, "
           f"mean of {args.repeats} after one warm-up; memory = peak above the process before its first step")
@@ -100,24 +133,106 @@ def bench_exchange(argv):
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for N in args.tokens:
-        kw = dict(D=args.dim, B=args.batch, L=args.slots, k_frac=args.topk, repeats=args.repeats, device=args.device)
-        kem_s, kem_mb = measure_exchange("kem", N, **kw)
-        cross_s, cross_mb = measure_exchange("cross", N, **kw)
-        proj_s, _ = measure_exchange("proj3", N, **kw)
+        k = max(1, round(args.topk * N))
+        kem_s, kem_mb = measure(("kem", N, args.dim, args.batch, args.slots, k), args.repeats, args.device)
+        cross_s, cross_mb = measure(("cross", N, args.dim, args.batch, 0, 0), args.repeats, args.device)
+        proj_s, _ = measure(("proj3", N, args.dim, args.batch, 0, 0), args.repeats, args.device)
         row = dict(tokens=N, kem_ms=kem_s * 1e3, cross_ms=cross_s * 1e3, kem_mb=kem_mb, cross_mb=cross_mb,
                    proj3_ms=proj_s * 1e3)
         rows.append(row)
         print(f"| {N:,} | {row['kem_ms']:.1f} | {row['cross_ms']:.1f} | {cross_s / kem_s:.1f}x | {kem_mb:.0f} "
               f"| {cross_mb:.0f} | {row['proj3_ms']:.1f} | {kem_s / proj_s:.2f} |", flush=True)
     if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine_line(), args=vars(args), rows=rows), f, indent=1)
+        _write_json(args.json, rows, args)
+    if args.plot:
+        plot_exchange(rows, args.plot)
     return rows
 
 
-BENCHES = {"exchange": bench_exchange}
+def plot_exchange(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    N = [r["tokens"] for r in rows]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax_t.loglog(N, [r["cross_ms"] for r in rows], "o-", label="cross-attention")
+    ax_t.loglog(N, [r["kem_ms"] for r in rows], "s-", label="KEM")
+    ax_t.loglog(N, [r["proj3_ms"] for r in rows], "k:", label="3 projections of every token")
+    ax_t.set(xlabel="tokens N", ylabel="forward + backward, ms", title="time")
+    ax_m.loglog(N, [r["cross_mb"] for r in rows], "o-", label="cross-attention")
+    ax_m.loglog(N, [r["kem_mb"] for r in rows], "s-", label="KEM")
+    ax_m.set(xlabel="tokens N", ylabel="peak extra memory, MB", title="memory")
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- step: a whole training step of MultiTaskNet ---------------------------------------------
+
+def bench_step(argv):
+    parser = argparse.ArgumentParser(prog="bench.py step",
+                                     description="One training step of MultiTaskNet (6 synthetic tasks) per exchange.")
+    parser.add_argument("--sizes", nargs="+", default=["96x128", "192x256"], help="HxW images")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64, help="token width (the synthetic preset's)")
+    parser.add_argument("--exchanges", nargs="+", default=["none", "kem", "cross"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    from synthetic import TASKS
+
+    tasks = tuple(TASKS.items())
+    print(f"# MultiTaskNet, tiny backbone, {len(tasks)} tasks, batch {args.batch}, dim {args.dim}; forward, "
+          f"losses, backward and AdamW step; mean of {args.repeats} after one warm-up")
+    print("| image | tokens N | exchange | ms / step | images / s | peak extra MB |")
+    print("|---|---:|---|---:|---:|---:|")
+    rows = []
+    for size in args.sizes:
+        H, W = (int(v) for v in size.split("x"))
+        N = len(tasks) * -(-H // 8) * -(-W // 8)                 # the tiny backbone's tokens: stride 8
+        for exchange in args.exchanges:
+            seconds, mb = measure(("step", exchange, H, W, args.batch, args.dim, tasks), args.repeats, args.device)
+            rows.append(dict(size=size, tokens=N, exchange=exchange, ms=seconds * 1e3,
+                             images_per_s=args.batch / seconds, mb=mb))
+            print(f"| {size} | {N:,} | {exchange} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} | {mb:.0f} |",
+                  flush=True)
+    if args.json:
+        _write_json(args.json, rows, args)
+    return rows
+
+
+# --- etf: the cost of projecting tokens into ETF space ---------------------------------------
+
+def bench_etf(argv):
+    parser = argparse.ArgumentParser(prog="bench.py etf", description="ETFProjection vs KEM, forward + backward.")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    print(f"# D={args.dim} B={args.batch}; forward+backward; KEM with L=16, k=N/8")
+    print("| N | ETF projection ms | KEM ms | projection / KEM |")
+    print("|---:|---:|---:|---:|")
+    rows = []
+    for N in args.tokens:
+        etf_s, _ = measure(("etf", N, args.dim, args.batch, 0, 0), args.repeats, args.device)
+        kem_s, _ = measure(("kem", N, args.dim, args.batch, 16, max(1, N // 8)), args.repeats, args.device)
+        rows.append(dict(tokens=N, etf_ms=etf_s * 1e3, kem_ms=kem_s * 1e3))
+        print(f"| {N:,} | {etf_s * 1e3:.1f} | {kem_s * 1e3:.1f} | {etf_s / kem_s:.2f} |", flush=True)
+    if args.json:
+        _write_json(args.json, rows, args)
+    return rows
+
+
+BENCHES = {"exchange": bench_exchange, "step": bench_step, "etf": bench_etf}
 
 
 # --- edges: the exact edge metric on NYUD-sized maps -----------------------------------------
