@@ -418,9 +418,21 @@ def save_picture(path, batch, outputs, cfg, rows=4):
             pred = outputs[t][i]
             if t in ("edge", "sal"):
                 pred = pred.sigmoid()
+            elif t == "depth":
+                pred = pred.clamp(min=1e-3)          # a prediction has no invalid pixels
             tiles += [_colour(t, batch[t][i], channels[t]), _colour(t, pred, channels[t])]
         lines.append(np.concatenate(tiles, axis=1))
-    Image.fromarray(np.concatenate(lines, axis=0)).save(path)
+    picture = Image.fromarray(np.concatenate(lines, axis=0))
+    # a header naming the columns: image, then ground truth and prediction per task
+    from PIL import ImageDraw
+
+    W = batch["image"].shape[-1]
+    canvas = Image.new("RGB", (picture.width, picture.height + 14), "white")
+    canvas.paste(picture, (0, 14))
+    draw = ImageDraw.Draw(canvas)
+    for col, name in enumerate(["image"] + [f"{t} {kind}" for t in cfg["tasks"] for kind in ("truth", "pred")]):
+        draw.text((col * W + 2, 1), name, fill="black")
+    canvas.save(path)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
