@@ -546,7 +546,7 @@ def main(argv=None):
         cfg["out_dir"] = os.path.dirname(os.path.abspath(ckpt_path))
     elif cfg["eval_only"]:
         ckpt, ckpt_path = load_checkpoint(cfg["ckpt"])
-        differ = config_differences(ckpt["config"], cfg, [k for k in MODEL_KEYS if k in given or k == "tasks" and "tasks" in given])
+        differ = config_differences(ckpt["config"], cfg, [k for k in MODEL_KEYS if k in given])
         if differ:
             raise UsageError(f"--ckpt {cfg['ckpt']} holds a different network than the flags ask for: "
                              + "; ".join(differ) + ". Drop those flags: --eval-only takes them from the checkpoint")
