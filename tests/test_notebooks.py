@@ -3,8 +3,8 @@
 Each of notebooks/01_etf.ipynb, 02_kem.ipynb and 03_train.ipynb is executed the way a reader's
 Jupyter runs it: a new "python3" kernel (ipykernel on this very interpreter, whatever kernels the
 user's Jupyter knows about), working directory notebooks/, every cell in order. KEM_MTL_QUICK=1
-shortens every long step (training runs, random trials, timings), so the three take about a minute
-on a 2-core CPU. A cell that raises fails its test with the cell's traceback. Beyond "no error",
+shortens every long step (training runs, random trials, timings), so the three take about 35 s on
+a 2-core CPU, kernel start-ups included. A cell that raises fails its test with the cell's traceback. Beyond "no error",
 each test reads back values the notebook printed and checks them against what the notebook claims:
   01_etf    the simplex-ETF properties hold to float32 rounding, and ETF slot queries overlap less
             in their top-k selections than random ones on isotropic tokens;
