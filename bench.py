@@ -95,12 +95,20 @@ def measure(spec, repeats=3, device="cpu"):
     """(seconds per step, peak MB) for one spec, in its own process so the memory high-water mark
     belongs to this measurement alone."""
     import multiprocessing as mp
+    import queue as queue_module
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_time_and_memory, args=(spec, repeats, device, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (out of memory, an error) must not leave us waiting forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive() and queue.empty():
+                raise RuntimeError(f"measuring {spec[:2]} failed: its process exited with code {proc.exitcode} "
+                                   "(its traceback is above; out of memory? try fewer tokens or a smaller batch)")
     proc.join()
     return result
 
@@ -383,9 +391,12 @@ BENCHES["data"] = bench_data
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run")
-    args, rest = parser.parse_known_args(argv)
-    print(machine_line())
-    BENCHES[args.what](rest)
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help="the benchmark's own options; `python bench.py <what> --help` lists them")
+    args = parser.parse_args(argv)
+    if not {"-h", "--help"} & set(args.options):
+        print(machine_line())
+    BENCHES[args.what](args.options)
 
 
 if __name__ == "__main__":
