@@ -312,7 +312,7 @@ def noise(argv):
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1, 2, 4],
                    help="distractor tokens per real token, at test time")
     p.add_argument("--train-ratio", type=float, default=1.0, help="distractors per real token when training with them")
-    p.add_argument("--train-seeds", type=int, nargs="*", default=[0], help="seeds of the runs trained with distractors")
+    p.add_argument("--train-seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the runs trained with distractors")
     p.add_argument("--max-iters", type=int, default=1000, help="as in the ablation")
     p.add_argument("--runs", default="runs/noise")
     p.add_argument("--out", default=str(RESULTS / "noise"), help="writes <out>.json, .md and .png")
