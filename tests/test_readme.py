@@ -36,5 +36,19 @@ def test_readme_train_commands_parse(args):
 
 
 def test_readme_names_only_existing_files():
-    for name in set(re.findall(r"`([\w/]+\.(?:py|ipynb|txt))`", README)):
+    named = re.findall(r"`([\w/]+\.(?:py|ipynb|txt))`", README)
+    linked = re.findall(r"\]\(([\w/.]+\.(?:png|md|json|ipynb))\)", README)     # pictures and links
+    assert linked, "the README links its results pictures"
+    for name in set(named + linked):
         assert (ROOT / name).exists() or (ROOT / "notebooks" / name).exists(), name
+
+
+def test_readme_bench_and_experiment_commands_exist():
+    import bench
+    import experiments
+
+    shown = re.findall(r"python (bench|experiments)\.py (\w+)", README)
+    assert {"bench", "experiments"} <= {script for script, _ in shown}
+    for script, name in shown:
+        known = bench.BENCHES if script == "bench" else experiments.EXPERIMENTS
+        assert name in known, f"README shows `python {script}.py {name}`; {script}.py has {sorted(known)}"
