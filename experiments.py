@@ -39,26 +39,42 @@ SYNTHETIC_TASKS = ("semseg", "depth", "normals", "edge", "sal", "parts")
 UNITS = {"semseg": "mIoU", "parts": "mIoU", "depth": "RMSE m", "normals": "mean °", "sal": "maxF", "edge": "odsF"}
 
 
+def run_once(command, out_dir, flags, log):
+    """`python <command> <flags>` into out_dir, unless it already finished; returns its result JSON.
+
+    The result is out_dir/results.json, or out_dir/eval_ckpt.json for an --eval-only run. A run
+    with a checkpoint but no result was interrupted and is resumed exactly; a folder without a
+    checkpoint stopped before its first save and starts again.
+    """
+    out = Path(out_dir)
+    eval_only = "--eval-only" in flags
+    result = out / ("eval_ckpt.json" if eval_only else "results.json")
+    if result.exists():
+        log(f"  {out}: done before, reusing")
+        return json.loads(result.read_text())
+    cmd = [sys.executable, *command, *flags]
+    if eval_only:
+        out.mkdir(parents=True, exist_ok=True)
+        cmd += ["--out-dir", str(out)]
+    elif (out / "ckpt.pt").exists():                    # an interrupted run: continue it exactly
+        cmd += ["--resume", str(out)]
+    else:
+        if out.exists():                                 # stopped before its first checkpoint
+            log(f"  {out}: no checkpoint, starting it again")
+            shutil.rmtree(out)
+        cmd += ["--out-dir", str(out)]
+    log(f"  {' '.join(cmd[1:])}")
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    log(f"    {time.time() - start:.0f} s")
+    return json.loads(result.read_text())
+
+
 def train_run(out_dir, flags, log):
     """One train.py run into out_dir (skipped if it already finished); returns its results.json."""
-    results = Path(out_dir) / "results.json"
-    if results.exists():
-        log(f"  {out_dir}: done before, reusing")
-    else:
-        if (Path(out_dir) / "ckpt.pt").exists():            # an interrupted run: continue it exactly
-            cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(out_dir)]
-        else:
-            if Path(out_dir).exists():                         # stopped before its first checkpoint
-                log(f"  {out_dir}: no checkpoint, starting it again")
-                shutil.rmtree(out_dir)
-            cmd = [sys.executable, str(ROOT / "train.py"), *flags, "--out-dir", str(out_dir)]
-        log(f"  {' '.join(cmd[1:])}")
-        start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        log(f"    {time.time() - start:.0f} s")
-    return json.loads(results.read_text())
+    return run_once([str(ROOT / "train.py")], out_dir, flags, log)
 
 
 def slot_query_cosine(ckpt_path):
@@ -282,26 +298,7 @@ def _distract(argv):
 
 def _run_distracted(ratio, out_dir, flags, log):
     """Like train_run, through _distract; for --eval-only the result is <out_dir>/eval_ckpt.json."""
-    out = Path(out_dir)
-    result = out / ("eval_ckpt.json" if "--eval-only" in flags else "results.json")
-    if not result.exists():
-        cmd = [sys.executable, str(ROOT / "experiments.py"), "_distract", str(ratio), "--", *flags]
-        if "--eval-only" in flags:
-            cmd += ["--out-dir", str(out)]
-            out.mkdir(parents=True, exist_ok=True)
-        elif (out / "ckpt.pt").exists():
-            cmd += ["--resume", str(out)]
-        else:
-            if out.exists():
-                shutil.rmtree(out)
-            cmd += ["--out-dir", str(out)]
-        log(f"  {' '.join(cmd[1:])}")
-        start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        log(f"    {time.time() - start:.0f} s")
-    return json.loads(result.read_text())
+    return run_once([str(ROOT / "experiments.py"), "_distract", str(ratio), "--"], out_dir, flags, log)
 
 
 def noise(argv):
@@ -334,8 +331,9 @@ def noise(argv):
 
     # (ii) Models trained and evaluated with distractors: Δm against the single-task baselines, next
     # to the same configuration trained clean (the ablation's rows).
-    ablation_rows = {row["config"]: row for row in json.loads((RESULTS / "ablation.json").read_text())["rows"]}
-    baselines = json.loads((RESULTS / "ablation.json").read_text())["baselines"]
+    ablation_results = json.loads((RESULTS / "ablation.json").read_text())
+    ablation_rows = {row["config"]: row for row in ablation_results["rows"]}
+    baselines = ablation_results["baselines"]
     trained = {}
     common = ["--max-iters", str(args.max_iters), "--eval-interval", str(args.max_iters), "--log-interval", "100"]
     for mode in modes:
