@@ -58,6 +58,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_frame_size(num_vectors, dim):
+    """Raise ValueError unless a simplex ETF of `num_vectors` vectors fits in R^`dim` (K >= 2, d >= K-1)."""
+    K, d = num_vectors, dim
+    if K < 2:
+        raise ValueError(f"num_vectors must be >= 2 (a frame of one vector has no angles), got {K}")
+    if d < K - 1:
+        raise ValueError(
+            f"a simplex of num_vectors={K} vectors needs dim >= {K - 1}, got dim={d}; "
+            f"use dim >= {K - 1} or num_vectors <= {d + 1}")
+
+
 def simplex_etf(num_vectors, dim, *, generator=None, dtype=torch.float32):
     """K = `num_vectors` unit vectors in R^`dim` with every pairwise cosine exactly -1/(K-1).
 
@@ -67,12 +78,7 @@ def simplex_etf(num_vectors, dim, *, generator=None, dtype=torch.float32):
     Computed in float64 and cast to `dtype` at the end.
     """
     K, d = num_vectors, dim
-    if K < 2:
-        raise ValueError(f"num_vectors must be >= 2 (a frame of one vector has no angles), got {K}")
-    if d < K - 1:
-        raise ValueError(
-            f"a simplex of num_vectors={K} vectors needs dim >= {K - 1}, got dim={d}; "
-            f"use dim >= {K - 1} or num_vectors <= {d + 1}")
+    check_frame_size(K, d)
     P = torch.eye(K, dtype=torch.float64) - 1.0 / K                     # (K, K) centring projector
     V, _ = torch.linalg.qr(P[:, : K - 1])                               # (K, K-1) basis of 1-perp
     gaussian = torch.randn(d, K - 1, generator=generator, dtype=torch.float64)

@@ -23,8 +23,13 @@ KEM, the paper's equations (F: N tokens of width D; R: L memory slots, L << N; s
     Write:      F^ = softmax( (F W_qw)(R^ W_kw)^T / sqrt(D) ) (R^ W_vw)         (N, D)   eq. W
     Broadcast:  F <- F + w_r F^,   w_r = 1                                               eq. B
 Cost [PAPER]: O(4 L N D + 3 N D^2) + O(L N), linear in N; cross-attention is O(N^2 D).
-[OURS] Reassociating the products (see KEM.forward) removes the 3 N D^2 term: no D x D projection
+[OURS] Reassociating the products (KEM.forward) removes the 3 N D^2 term: no D x D projection
 touches the N tokens, only the L slots, so KEM costs O(4 L N D + 6 L D^2) plus the top-k.
+KEM.forward_literal is the same function written exactly as the three equations above; the two sit
+side by side in the class, and a test checks that they agree.
+In code the six matrices are D x D parameters named as in the paper and oriented as in the paper
+(tokens are rows: the paper's F W is `F @ W`), and F is the token matrix, which is why
+torch.nn.functional is imported here as `nnf`.
 
 What the paper leaves open and how we read it [OURS]
 ----------------------------------------------------
@@ -38,11 +43,12 @@ What the paper leaves open and how we read it [OURS]
 - R is a learned (L, D) parameter shared over the batch; "re-parameterisation" in Retrieve is read
   as the learned projections (no sampling, no KL term).
 - sKEM: "features" = tokens projected into ETF space before KEM; "slots" = R fixed to a simplex
-  ETF; "both" (see etf.py).
+  ETF; "both" (see etf.py); "normalize" = tokens L2-normalised only, the control that separates
+  the frame from the normalisation it includes.
 - The network: shared backbone -> one small encoder per task -> tokens -> exchange -> one
   decoder per task, with a skip connection from the backbone's stride-4 features (ours).
 
-Letters used in shapes: B batch, T tasks, N tokens (all tasks), L slots, D width, k selected tokens,
+Letters used in shapes: B batch, T tasks, N tokens (all tasks), L slots, D width, top_k selected tokens,
 H x W image, h x w token grid, C channels.
 
 Notes:
@@ -57,12 +63,12 @@ import urllib.error
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torch.nn.functional as nnf   # `F` is the paper's token matrix below
 
-from etf import ETFProjection, simplex_etf
+from etf import ETFProjection, check_frame_size, simplex_etf
 
 EXCHANGES = ("kem", "cross", "none")
-ETF_MODES = ("none", "features", "slots", "both")
+ETF_MODES = ("none", "features", "slots", "both", "normalize")
 BACKBONES = ("tiny", "swin_t", "swin_s", "swin_b", "resnet18", "resnet50")
 
 
@@ -94,19 +100,22 @@ def topk_softmax(scores, k, dim=-1, mode="mask"):
 
 def resolve_topk(topk, num_tokens):
     """k as a count: an int is used as is (capped at N); a float in (0, 1] is a fraction of N."""
-    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
-        raise ValueError(f"topk must be an int >= 1 or a float in (0, 1], got {topk!r}")
-    if isinstance(topk, int):
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1 when given as a count, got {topk}")
-        return min(topk, num_tokens)
-    if not 0.0 < topk <= 1.0:
-        raise ValueError(f"topk as a fraction of the tokens must be in (0, 1], got {topk}")
-    return max(1, math.ceil(topk * num_tokens))
+    count = isinstance(topk, int) and not isinstance(topk, bool)
+    if not (count and topk >= 1 or isinstance(topk, float) and 0.0 < topk <= 1.0):
+        raise ValueError(f"topk must be a count >= 1 or a fraction in (0, 1], got {topk!r}; try 0.25 or 64")
+    return min(topk, num_tokens) if count else max(1, math.ceil(topk * num_tokens))
 
 
 # ----------------------------------------------------------------------------------------------
 # The exchange modules: KEM (the paper's) and full cross-attention (the baseline it criticises)
+
+def _projection(dim):
+    """A D x D matrix W in the paper's orientation (a token row x maps to x W), initialised like
+    nn.Linear: U(-1/sqrt(D), 1/sqrt(D))."""
+    W = torch.empty(dim, dim)
+    nn.init.uniform_(W, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+    return nn.Parameter(W)
+
 
 class KEM(nn.Module):
     """Knowledge Extraction Module: Retrieve (top-k), Write, Broadcast. (B, N, D) -> (B, N, D).
@@ -114,52 +123,77 @@ class KEM(nn.Module):
     dim: token width D. num_slots: L. topk: k as a count (int) or a fraction of N (float in (0, 1]).
     slots: "learned" (R is a parameter) or "etf" (R is a fixed simplex ETF, the sKEM "slots" reading;
     needs dim >= num_slots - 1). topk_mode: "mask" or "post", see topk_softmax.
+
+    The six projections are D x D matrices named and oriented as in the paper (tokens are rows, so
+    the paper's F W is `F @ W`). Two forward passes compute the same function:
+    - `forward_literal` is the paper's three equations exactly as written: read it next to the paper;
+    - `forward` reassociates the products so that no D x D matrix multiplies the N tokens (ours):
+          (R W_qr)(F W_kr)^T = ((R W_qr) W_kr^T) F^T          A_r (F W_vr) = (A_r F) W_vr
+          (F W_qw)(R^ W_kw)^T = F ((R^ W_kw) W_qw^T)^T
+      which turns the paper's 3 N D^2 term into 6 L D^2. The two agree up to float rounding (a test
+      pins it down); `forward` is the one the network uses.
     """
 
     def __init__(self, dim, num_slots=16, topk=0.25, *, slots="learned", topk_mode="mask"):
         super().__init__()
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        if slots not in ("learned", "etf"):
-            raise ValueError(f"slots must be 'learned' or 'etf', got {slots!r}")
-        if topk_mode not in ("mask", "post"):
-            raise ValueError(f"topk_mode must be 'mask' or 'post', got {topk_mode!r}")
-        resolve_topk(topk, 1)  # validate now, resolve per input (N varies)
-        if slots == "etf" and num_slots < 2:
-            raise ValueError(f"slots='etf' needs num_slots >= 2 (an ETF has >= 2 vectors), got {num_slots}")
+        KEM.check_options(dim, num_slots, topk, slots=slots, topk_mode=topk_mode)
         self.dim, self.num_slots, self.topk, self.topk_mode = dim, num_slots, topk, topk_mode
-        self.W_qr, self.W_kr, self.W_vr = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.W_qw, self.W_kw, self.W_vw = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.W_qr, self.W_kr, self.W_vr = _projection(dim), _projection(dim), _projection(dim)   # Retrieve
+        self.W_qw, self.W_kw, self.W_vw = _projection(dim), _projection(dim), _projection(dim)   # Write
         if slots == "learned":
             self.R = nn.Parameter(torch.randn(num_slots, dim) / math.sqrt(dim))   # (L, D), rows ~unit norm
         else:
             generator = torch.Generator().manual_seed(0)
             self.register_buffer("R", simplex_etf(num_slots, dim, generator=generator).T)  # (L, D) unit rows
 
-    def forward(self, F_, return_attention=False):
-        B, N, D = F_.shape
-        k = resolve_topk(self.topk, N)
+    @staticmethod
+    def check_options(dim, num_slots, topk, *, slots="learned", topk_mode="mask"):
+        """Raise ValueError (naming the argument, the value, what works) for options KEM cannot take."""
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots!r}; try 16")
+        if slots not in ("learned", "etf"):
+            raise ValueError(f"slots must be 'learned' or 'etf', got {slots!r}")
+        if topk_mode not in ("mask", "post"):
+            raise ValueError(f"topk_mode must be 'mask' or 'post', got {topk_mode!r}")
+        resolve_topk(topk, 1)                         # the rule for k lives there; resolved per input (N varies)
+        if slots == "etf":
+            try:
+                check_frame_size(num_slots, dim)      # the ETF's own rule lives in etf.py
+            except ValueError as error:
+                raise ValueError(f"slots='etf' with num_slots={num_slots}: {error}") from None
+
+    def forward(self, F, return_attention=False):
+        """The fast form (reassociated, see the class docstring). F: (B, N, D) tokens of all tasks."""
+        B, N, D = F.shape
+        top_k = resolve_topk(self.topk, N)
         scale = 1.0 / math.sqrt(D)
-        # nn.Linear computes x W^T, so the paper's "F W" is self.W(F) and its W is self.W.weight^T.
-        # Both attentions are reassociated so that no D x D matrix ever multiplies the N tokens
-        # (ours; the same function up to rounding, pinned by a test against the literal equations):
-        #     (R W_qr)(F W_kr)^T = ((R W_qr) W_kr^T) F^T,     A (F W_vr) = (A F) W_vr,
-        #     (F W_qw)(R^ W_kw)^T = F ((R^ W_kw) W_qw^T)^T.
-        # That turns the paper's 3 N D^2 term into L D^2: what remains is linear in N with only
-        # L D per token.
-        # Retrieve (eq. R): each slot scores every token and keeps its k best.
-        q_r = self.W_qr(self.R) @ self.W_kr.weight                      # (L, D): (R W_qr) W_kr^T
-        scores = q_r @ F_.transpose(1, 2) * scale                       # (B, L, N)
-        A_r = topk_softmax(scores, k, dim=-1, mode=self.topk_mode)      # (B, L, N), k non-zeros a row
-        R_hat = self.W_vr(A_r @ F_)                                     # (B, L, D): (A F) W_vr
+        R, W_qr, W_kr, W_vr, W_qw, W_kw, W_vw = (self.R, self.W_qr, self.W_kr, self.W_vr,
+                                                 self.W_qw, self.W_kw, self.W_vw)
+        # Retrieve (eq. R): each slot scores every token and keeps its top_k best.
+        Q_r = (R @ W_qr) @ W_kr.T                                        # (L, D): slot queries, in token space
+        A_r = topk_softmax(Q_r @ F.transpose(1, 2) * scale, top_k, mode=self.topk_mode)  # (B, L, N), top_k non-zeros a row
+        R_hat = (A_r @ F) @ W_vr                                         # (B, L, D) = A_r (F W_vr)
         # Write (eq. W): every token reads from the L filled slots, plain softmax over L.
-        k_w = self.W_kw(R_hat) @ self.W_qw.weight                       # (B, L, D): (R^ W_kw) W_qw^T
-        A_w = (F_ @ k_w.transpose(1, 2) * scale).softmax(dim=-1)        # (B, N, L)
-        F_hat = A_w @ self.W_vw(R_hat)                                  # (B, N, D)
-        out = F_ + F_hat                                                # Broadcast (eq. B), w_r = 1
+        K_w = (R_hat @ W_kw) @ W_qw.T                                    # (B, L, D): slot keys, in token space
+        A_w = (F @ K_w.transpose(1, 2) * scale).softmax(dim=-1)          # (B, N, L)
+        F_hat = A_w @ (R_hat @ W_vw)                                     # (B, N, D)
+        out = F + F_hat                                                  # Broadcast (eq. B), w_r = 1
         if return_attention:
             return out, {"retrieve": A_r, "write": A_w}
         return out
+
+    def forward_literal(self, F):
+        """The paper's equations exactly as written (slow: every D x D matrix meets all N tokens)."""
+        N, D = F.shape[-2:]
+        top_k = resolve_topk(self.topk, N)
+        R = self.R
+        R_hat = topk_softmax((R @ self.W_qr) @ (F @ self.W_kr).transpose(-2, -1) / math.sqrt(D),
+                             top_k, mode=self.topk_mode) @ (F @ self.W_vr)                       # eq. R
+        F_hat = ((F @ self.W_qw) @ (R_hat @ self.W_kw).transpose(-2, -1) / math.sqrt(D)).softmax(-1) \
+            @ (R_hat @ self.W_vw)                                                                 # eq. W
+        return F + F_hat                                                                          # eq. B
 
     def extra_repr(self):
         slots = "etf" if "R" in dict(self.named_buffers()) else "learned"
@@ -169,23 +203,31 @@ class KEM(nn.Module):
 class CrossTaskAttention(nn.Module):
     """The baseline: every token attends to every token of every task. (B, N, D) -> (B, N, D).
 
-    out = F + softmax((F W_q)(F W_k)^T / sqrt(D)) (F W_v), one head, same residual as KEM. Uses
-    torch's scaled_dot_product_attention, which picks a memory-efficient kernel where it has one;
-    the cost is still O(N^2 D).
+    out = F + softmax((F W_q)(F W_k)^T / sqrt(D)) (F W_v), one head, same residual as KEM and the
+    same D x D matrices. Uses torch's scaled_dot_product_attention, which picks a memory-efficient
+    kernel where it has one; the cost is still O(N^2 D).
     """
 
     def __init__(self, dim):
         super().__init__()
         self.dim = dim
-        self.W_q, self.W_k, self.W_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.W_q, self.W_k, self.W_v = _projection(dim), _projection(dim), _projection(dim)
 
-    def forward(self, F_, return_attention=False):
-        q, k, v = self.W_q(F_), self.W_k(F_), self.W_v(F_)              # (B, N, D) each
-        out = F_ + F.scaled_dot_product_attention(q, k, v)              # (B, N, D)
+    def forward(self, F, return_attention=False):
+        Q, K, V = F @ self.W_q, F @ self.W_k, F @ self.W_v               # (B, N, D) each
+        out = F + nnf.scaled_dot_product_attention(Q, K, V)             # (B, N, D)
         if return_attention:  # spelled out, because the fused kernel does not return the weights
-            A = (q @ k.transpose(1, 2) / math.sqrt(self.dim)).softmax(dim=-1)   # (B, N, N)
+            A = (Q @ K.transpose(1, 2) / math.sqrt(self.dim)).softmax(dim=-1)   # (B, N, N)
             return out, {"attention": A}
         return out
+
+
+class Normalize(nn.Module):
+    """Tokens L2-normalised, nothing else: the control for ETFProjection (same normalisation, no
+    frame), so that an effect of sKEM's "features" can be told apart from normalisation [OURS]."""
+
+    def forward(self, x):
+        return x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,19 +301,13 @@ class TorchvisionBackbone(nn.Module):
             x = stage(x)
             feats.append(x.permute(0, 3, 1, 2) if self.is_swin else x)  # Swin works channels-last
         s4, _, s16, s32 = feats
-        s32 = F.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        s32 = nnf.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
         return s4, torch.cat([s16, s32], dim=1)                         # (B, C_skip, H/4, W/4), (B, C_deep, H/16, W/16)
 
 
 def build_backbone(name, pretrained=False):
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if name == "tiny":
-        if pretrained:
-            raise ValueError("backbone 'tiny' is trained from scratch and has no pretrained weights; "
-                             "use pretrained=False or a torchvision backbone such as 'swin_t'")
-        return TinyBackbone()
-    return TorchvisionBackbone(name, pretrained)
+    """The backbone `name` (one of BACKBONES); check_network_options has checked the combination."""
+    return TinyBackbone() if name == "tiny" else TorchvisionBackbone(name, pretrained)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +324,39 @@ class TaskDecoder(nn.Module):
         self.head = nn.Conv2d(width, out_channels, 1)
 
     def forward(self, x, skip):
-        x = F.interpolate(self.reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        x = nnf.interpolate(self.reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
         return self.head(self.fuse(torch.cat([x, skip], dim=1)))       # (B, C_t, H/4, W/4)
+
+
+def check_network_options(tasks, *, backbone="tiny", pretrained=False, exchange="kem", etf="none",
+                          dim=128, num_slots=16, topk=0.25, topk_mode="mask"):
+    """Raise ValueError for options MultiTaskNet cannot take, before anything is built or downloaded.
+
+    The rules of the parts live with the parts (KEM.check_options, etf.check_frame_size); this adds
+    the rules of the whole network. Messages name arguments as `name` or `name=value`.
+    """
+    if not tasks:
+        raise ValueError("tasks must name at least one task, e.g. {'semseg': 40}")
+    for name, channels in tasks.items():
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"task {name!r} needs an integer number of output channels >= 1, got {channels!r}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if backbone == "tiny" and pretrained:
+        raise ValueError("the tiny backbone has no pretrained weights (it is trained from scratch); use "
+                         "pretrained=False, or a torchvision backbone such as backbone='swin_t'")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"unknown exchange {exchange!r}; choose one of {', '.join(EXCHANGES)}")
+    if etf not in ETF_MODES:
+        raise ValueError(f"unknown etf mode {etf!r}; choose one of {', '.join(ETF_MODES)}")
+    if etf in ("slots", "both") and exchange != "kem":
+        raise ValueError(f"etf={etf!r} fixes KEM's memory slots, so it needs exchange='kem' "
+                         f"(got exchange={exchange!r}); use etf='features' or 'none' with it")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+    if exchange == "kem":
+        KEM.check_options(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned",
+                          topk_mode=topk_mode)
 
 
 class MultiTaskNet(nn.Module):
@@ -298,57 +365,65 @@ class MultiTaskNet(nn.Module):
     tasks: task name -> output channels, e.g. {"semseg": 40, "depth": 1, "normals": 3, "edge": 1};
     a single task is the single-task baseline. exchange: "kem" | "cross" | "none". etf: "none" |
     "features" (tokens into ETF space before the exchange) | "slots" (KEM's slots are a fixed ETF) |
-    "both"; "slots" and "both" need exchange="kem". forward(images (B, 3, H, W)) -> {task: (B, C_t, H, W)}
-    of raw outputs: logits for classes, edges and saliency, metres for depth, unnormalised normals.
+    "both" | "normalize" (tokens L2-normalised only: the control for "features"); "slots" and "both"
+    need exchange="kem". topk, num_slots, topk_mode: KEM's. freeze_backbone: the backbone is not
+    trained (one reading of the paper's "fixed" encoder [OURS]; off by default).
+    forward(images (B, 3, H, W)) -> {task: (B, C_t, H, W)} of raw outputs: logits for classes, edges
+    and saliency, metres for depth, unnormalised normals.
     """
 
     def __init__(self, tasks, *, backbone="tiny", pretrained=False, exchange="kem", etf="none",
-                 dim=128, num_slots=16, topk=0.25):
+                 dim=128, num_slots=16, topk=0.25, topk_mode="mask", freeze_backbone=False):
         super().__init__()
-        if not tasks:
-            raise ValueError("tasks must name at least one task, e.g. {'semseg': 40}")
-        for name, channels in tasks.items():
-            if not isinstance(channels, int) or channels < 1:
-                raise ValueError(f"task {name!r} needs an integer number of output channels >= 1, got {channels!r}")
-        if exchange not in EXCHANGES:
-            raise ValueError(f"unknown exchange {exchange!r}; choose one of {', '.join(EXCHANGES)}")
-        if etf not in ETF_MODES:
-            raise ValueError(f"unknown etf mode {etf!r}; choose one of {', '.join(ETF_MODES)}")
-        if etf in ("slots", "both") and exchange != "kem":
-            raise ValueError(f"etf={etf!r} fixes KEM's memory slots, so it needs exchange='kem' "
-                             f"(got exchange={exchange!r}); use etf='features' or 'none' with it")
+        check_network_options(tasks, backbone=backbone, pretrained=pretrained, exchange=exchange, etf=etf,
+                              dim=dim, num_slots=num_slots, topk=topk, topk_mode=topk_mode)
         self.tasks = dict(tasks)
         self.backbone = build_backbone(backbone, pretrained)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
         skip_dim = 32
         self.skip_proj = _conv_gn(self.backbone.skip_channels, skip_dim, kernel=1)
         self.encoders = nn.ModuleDict({t: nn.Sequential(_conv_gn(self.backbone.deep_channels, dim, kernel=1),
                                                         _conv_gn(dim, dim)) for t in tasks})
         self.task_embedding = nn.Parameter(torch.randn(len(tasks), dim) * 0.02)  # (T, D)
-        self.etf_features = ETFProjection(dim) if etf in ("features", "both") else nn.Identity()
+        if etf in ("features", "both"):
+            self.token_map = ETFProjection(dim)                         # x -> normalize(x) E
+        elif etf == "normalize":
+            self.token_map = Normalize()                                # x -> normalize(x): the control
+        else:
+            self.token_map = nn.Identity()
         if exchange == "kem":
-            self.exchange = KEM(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned")
+            self.exchange = KEM(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned",
+                                topk_mode=topk_mode)
         elif exchange == "cross":
             self.exchange = CrossTaskAttention(dim)
         else:
             self.exchange = nn.Identity()
         self.decoders = nn.ModuleDict({t: TaskDecoder(dim, skip_dim, c) for t, c in tasks.items()})
 
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()          # a frozen backbone keeps its normalisation statistics too
+        return self
+
     def forward(self, images):
         B, _, H, W = images.shape
         m = self.backbone.pad_multiple
         pad_h, pad_w = (-H) % m, (-W) % m                               # pad so every stride divides
-        x = F.pad(images, (0, pad_w, 0, pad_h))                         # (B, 3, H', W')
+        x = nnf.pad(images, (0, pad_w, 0, pad_h))                       # (B, 3, H', W')
         skip, deep = self.backbone(x)                                   # (B, C_s, H'/4, W'/4), (B, C_d, h, w)
         skip = self.skip_proj(skip)                                     # (B, 32, H'/4, W'/4)
         h, w = deep.shape[-2:]
         tokens = [self.encoders[t](deep).flatten(2).transpose(1, 2) + self.task_embedding[i]
                   for i, t in enumerate(self.tasks)]                    # T x (B, h*w, D)
-        F_ = torch.cat(tokens, dim=1)                                   # (B, N = T*h*w, D)
-        F_ = self.exchange(self.etf_features(F_))                       # (B, N, D)
+        F = torch.cat(tokens, dim=1)                                    # (B, N = T*h*w, D): the paper's F
+        F = self.exchange(self.token_map(F))                            # (B, N, D)
         outputs = {}
-        for t, F_t in zip(self.tasks, F_.split(h * w, dim=1)):          # split back per task
+        for t, F_t in zip(self.tasks, F.split(h * w, dim=1)):           # split back per task
             x_t = F_t.transpose(1, 2).reshape(B, -1, h, w)              # (B, D, h, w)
             y = self.decoders[t](x_t, skip)                             # (B, C_t, H'/4, W'/4)
-            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            y = nnf.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
             outputs[t] = y[:, :, :H, :W]                                # (B, C_t, H, W)
         return outputs

@@ -112,11 +112,12 @@ def test_topk_softmax_errors(k, mode, match):
 # --- KEM ---------------------------------------------------------------------------------------
 
 def kem_oracle(kem, F_, k, mode="mask"):
-    """The paper's equations, one batch element at a time, top-k by sorting."""
+    """The paper's equations, one batch element at a time, top-k by sorting (independent of
+    topk_softmax and of both forward passes)."""
     D = F_.shape[-1]
     out = []
     for f in F_:                                                   # f: (N, D)
-        s = (kem.R @ kem.W_qr.weight.T) @ (f @ kem.W_kr.weight.T).T / math.sqrt(D)   # (L, N)
+        s = (kem.R @ kem.W_qr) @ (f @ kem.W_kr).T / math.sqrt(D)  # (L, N)
         order = s.argsort(dim=-1, descending=True)
         keep = torch.zeros_like(s, dtype=torch.bool)
         for row in range(s.shape[0]):
@@ -125,9 +126,9 @@ def kem_oracle(kem, F_, k, mode="mask"):
             A = torch.where(keep, s, torch.tensor(float("-inf"))).softmax(-1)
         else:
             A = s.softmax(-1) * keep
-        R_hat = A @ (f @ kem.W_vr.weight.T)                        # (L, D)
-        A_w = ((f @ kem.W_qw.weight.T) @ (R_hat @ kem.W_kw.weight.T).T / math.sqrt(D)).softmax(-1)
-        out.append(f + A_w @ (R_hat @ kem.W_vw.weight.T))
+        R_hat = A @ (f @ kem.W_vr)                                 # (L, D)
+        A_w = ((f @ kem.W_qw) @ (R_hat @ kem.W_kw).T / math.sqrt(D)).softmax(-1)
+        out.append(f + A_w @ (R_hat @ kem.W_vw))
     return torch.stack(out)
 
 
@@ -154,6 +155,25 @@ def test_kem_matches_the_equations(case, mode):
     assert torch.equal((attn["retrieve"] > 0).sum(-1), torch.full((B, L), k))
     torch.testing.assert_close(attn["write"].sum(-1), torch.ones(B, N))
     torch.testing.assert_close(out, kem_oracle(kem, F_, k, mode), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kem.forward_literal(F_), out, atol=1e-5, rtol=1e-4)
+
+
+def test_the_fast_forward_is_the_literal_equations_reassociated():
+    """forward (no D x D matrix touches the tokens) and forward_literal (the paper's equations as
+    written) are one function: equal in float64 to 1e-12, in both top-k modes and with ETF slots."""
+    for mode, slots in (("mask", "learned"), ("post", "learned"), ("mask", "etf")):
+        torch.manual_seed(1)
+        kem = KEM(24, 6, 0.2, slots=slots, topk_mode=mode).double()
+        F_ = torch.randn(3, 50, 24, generator=gen(2), dtype=torch.float64)
+        torch.testing.assert_close(kem(F_), kem.forward_literal(F_), atol=1e-12, rtol=1e-12)
+
+
+def test_the_projections_are_the_papers_dxd_matrices():
+    """Six D x D parameters named as in the paper, nothing else learned but the slots R."""
+    kem = KEM(8, 3)
+    shapes = {name: tuple(p.shape) for name, p in kem.named_parameters()}
+    assert shapes == {"W_qr": (8, 8), "W_kr": (8, 8), "W_vr": (8, 8), "W_qw": (8, 8), "W_kw": (8, 8),
+                      "W_vw": (8, 8), "R": (3, 8)}
 
 
 def test_kem_is_permutation_equivariant():
@@ -193,11 +213,11 @@ def test_kem_with_k_at_least_n_is_plain_softmax_attention():
     kem = KEM(8, 3, 50)
     F_ = torch.randn(2, 12, 8, generator=gen(9))
     D = 8
-    q = kem.W_qr(kem.R)
-    A = (q @ kem.W_kr(F_).transpose(1, 2) / math.sqrt(D)).softmax(-1)           # plain softmax
-    R_hat = A @ kem.W_vr(F_)
-    A_w = (kem.W_qw(F_) @ kem.W_kw(R_hat).transpose(1, 2) / math.sqrt(D)).softmax(-1)
-    expected = F_ + A_w @ kem.W_vw(R_hat)
+    q = kem.R @ kem.W_qr
+    A = (q @ (F_ @ kem.W_kr).transpose(1, 2) / math.sqrt(D)).softmax(-1)         # plain softmax
+    R_hat = A @ (F_ @ kem.W_vr)
+    A_w = ((F_ @ kem.W_qw) @ (R_hat @ kem.W_kw).transpose(1, 2) / math.sqrt(D)).softmax(-1)
+    expected = F_ + A_w @ (R_hat @ kem.W_vw)
     torch.testing.assert_close(kem(F_), expected)
     torch.testing.assert_close(KEM(8, 3, 1.0)(F_).shape, F_.shape)
 
@@ -212,14 +232,14 @@ def test_kem_etf_slots_are_a_fixed_simplex():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_slots=0), "num_slots must be >= 1, got 0"),
-    (dict(topk=0), "topk must be >= 1 when given as a count, got 0"),
-    (dict(topk=1.5), r"must be in \(0, 1\], got 1.5"),
-    (dict(topk=0.0), r"must be in \(0, 1\], got 0.0"),
-    (dict(topk="all"), "topk must be an int >= 1 or a float"),
+    (dict(topk=0), r"topk must be a count >= 1 or a fraction in \(0, 1\], got 0"),
+    (dict(topk=1.5), r"must be a count >= 1 or a fraction in \(0, 1\], got 1.5"),
+    (dict(topk=0.0), r"fraction in \(0, 1\], got 0.0"),
+    (dict(topk="all"), "topk must be a count >= 1 or a fraction"),
     (dict(slots="fixed"), "slots must be 'learned' or 'etf'"),
     (dict(topk_mode="hard"), "topk_mode must be 'mask' or 'post'"),
     (dict(num_slots=40, slots="etf"), "needs dim >= 39, got dim=16"),
-    (dict(num_slots=1, slots="etf"), "needs num_slots >= 2"),
+    (dict(num_slots=1, slots="etf"), "slots='etf' with num_slots=1: num_vectors must be >= 2"),
 ])
 def test_kem_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -234,7 +254,7 @@ def test_cross_attention_equals_softmax_attention_written_out(B, N, D, seed):
     torch.manual_seed(seed)
     attn = CrossTaskAttention(D)
     F_ = torch.randn(B, N, D, generator=gen(seed))
-    q, k, v = F_ @ attn.W_q.weight.T, F_ @ attn.W_k.weight.T, F_ @ attn.W_v.weight.T
+    q, k, v = F_ @ attn.W_q, F_ @ attn.W_k, F_ @ attn.W_v
     expected = torch.empty(B, N, D)
     for b in range(B):
         for i in range(N):
@@ -356,7 +376,7 @@ def test_pretrained_weights_unreachable_gives_a_clear_error(monkeypatch, tmp_pat
     (dict(exchange="attention"), "unknown exchange 'attention'; choose one of kem, cross, none"),
     (dict(etf="all"), "unknown etf mode 'all'"),
     (dict(etf="slots", exchange="none"), "needs exchange='kem'"),
-    (dict(topk=0), "topk must be >= 1"),
+    (dict(topk=0), "topk must be a count >= 1"),
     (dict(num_slots=0), "num_slots must be >= 1"),
 ])
 def test_multitasknet_errors(kwargs, match):
