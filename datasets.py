@@ -15,8 +15,8 @@ Every dataset returns, for ``dataset[i]`` with no transform, a dict (H, W = orig
     sal      float32 (1, H, W) in {0, 1}, 255 = ignore                             (PASCAL only)
     meta     {"id": str, "size": (H, W)}  (the original size, also after transforms)
 
-Only the tasks asked for (``tasks=None``: all of ``TASKS[name]``) are read. After a transform the
-format is the same, except that ``image`` is ImageNet-normalised and maps have the crop / pad size.
+Only the tasks asked for (``tasks=None``: all of ``task_channels(name)``) are read. After a transform
+the format is the same, except that ``image`` is ImageNet-normalised and maps have the crop / pad size.
 
 Label conventions (REFERENCE §4, facts from the MTI-Net and InvPT loaders):
   NYUD     segmentation PNG value 0 = unlabelled -> 255, 1..40 -> 0..39; depth 0 = invalid;
@@ -32,16 +32,29 @@ Where the data live (first match wins):
   1. an explicit ``root`` argument (``--data-dir`` in train.py),
   2. the environment variable ``KEM_MTL_DATA``,
   3. the cache folder ``~/.cache/kem_mtl``.
-Inside it: ``NYUD_MT/`` (or ``NYUDv2/``) and ``PASCAL_MT/``. ``prepare_dataset`` downloads only when
-the tree is absent (``.part`` file, checksum when recorded, atomic rename), extracts safely into a
-temporary sibling and renames it into place after validation: no half-written trees. Offline it raises
-a ``DatasetError`` saying what to fetch, where to put it, and that ``--dataset synthetic`` needs no
-download; it never falls back silently to other data.
+Inside it, under either name its packagers use (first listed wins when both exist):
+  NYUD     ``NYUD_MT/`` (packaging B, MTI-Net / ATRC) or ``NYUDv2/`` (packaging C, InvPT / ATRC),
+  PASCAL   ``PASCAL_MT/`` (ASTMT / MTI-Net, what ``PASCAL_MT.tgz`` extracts to) or ``PASCALContext/``
+           (what ATRC / InvPT's ``PASCALContext.tar.gz`` extracts to). Both hold the same sub-folders:
+           the InvPT loader reads exactly ImageSets/Context, JPEGImages, pascal-context/trainval,
+           semseg/{VOC12,pascal-context}, human_parts, normals_distill and sal_distill.
+``prepare_dataset`` downloads only when the tree is absent (``.part`` file, checksum when recorded,
+atomic rename), extracts safely into a temporary sibling and renames it into place after validation:
+no half-written trees. Offline it raises a ``DatasetError`` saying what to fetch, where to put it
+(naming every accepted folder), and that ``--dataset synthetic`` needs no download; it never falls
+back silently to other data.
+
+Imports: torch, numpy, PIL and (inside functions) scipy; no project module at import time. The
+synthetic dataset (``build_dataset("synthetic", ...)``, ``task_channels`` / ``class_names`` of
+"synthetic") imports synthetic.py inside those functions, and PASCAL edge labels import
+``metrics.thin`` inside the function that thins. So copying datasets.py alone gives working NYUD
+loaders, and PASCAL ones with metrics.py beside it for the edge task.
 
 Usage:
-    from datasets import build_dataset
+    from datasets import build_dataset, task_channels
     train = build_dataset("nyud", "train")             # train transforms, crop 448x576
     val = build_dataset("nyud", "val")                 # pad to 480x640, no randomness
+    heads = task_channels("nyud")                      # {"semseg": 40, "depth": 1, ...}
     toy = build_dataset("synthetic", "train", num_samples=64)
 
 Notes:
@@ -52,12 +65,16 @@ Notes:
   - Normals stored as PNG (NYUD packaging C, PASCAL) are decoded exactly as 2x/255 - 1, as the field
     does: unit only up to quantisation, and never an exact zero vector, so every pixel of packaging C
     counts as valid (PASCAL's are zeroed off the listed classes).
-  - Edge thinning is metrics.thin, our implementation of Guo-Hall thinning (what MTI-Net calls through
-    scikit-image): it reproduces scikit-image's documented example, but was never compared on real
-    label maps.
+  - Edge thinning is metrics.thin (imported lazily, see Imports), our implementation of Guo-Hall
+    thinning (what MTI-Net calls through scikit-image): it reproduces scikit-image's documented
+    example, but was never compared on real label maps.
   - PASCAL semseg is read from ``semseg/VOC12/<id>.png`` when it exists, else from
     ``semseg/pascal-context/<id>.png`` (the order of the MTI-Net loader).
   - Packaging A (the original ASTMT tarball with .mat labels) is not supported.
+  - ``PASCALContext.tar.gz`` itself is not picked up: ``prepare_dataset`` downloads and extracts only
+    ``PASCAL_MT.tgz``. Extract the InvPT archive into the data root yourself; its tree is then found.
+    The ``ImageSets/Parts/`` JSON cache the InvPT loader writes there is neither needed nor read
+    (human parts come from the .mat files directly).
 """
 from __future__ import annotations
 
@@ -79,10 +96,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from metrics import thin  # noqa: F401  (re-exported: datasets.thin)
-from synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from synthetic import TASKS as SYNTHETIC_TASKS
-from synthetic import SyntheticRooms  # re-exported: the offline dataset
+# No project module is imported here: synthetic.py (the offline dataset) and metrics.py (thinning of
+# PASCAL edge labels) are imported inside the functions that need them (module docstring, Imports).
 
 # ----------------------------------------------------------------------------------------------------
 # Constants: tasks, class names, sources
@@ -91,10 +106,13 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+NAMES = ("nyud", "pascal", "synthetic")  # every dataset name build_dataset accepts
+
+# Facts of the two real packagings. The synthetic dataset's live in synthetic.py: ask task_channels()
+# and class_names() below, which answer for every name in NAMES.
 TASKS = {  # dataset -> {task: output channels of its prediction head}
     "nyud": {"semseg": 40, "depth": 1, "normals": 3, "edge": 1},
     "pascal": {"semseg": 21, "parts": 7, "sal": 1, "normals": 3, "edge": 1},
-    "synthetic": dict(SYNTHETIC_TASKS),
 }
 CLASS_NAMES = {
     "nyud": ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
@@ -106,9 +124,7 @@ CLASS_NAMES = {
     "pascal": ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor"],
-    "synthetic": list(SYNTHETIC_CLASS_NAMES),
 }
-PART_NAMES = ["background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg"]
 
 ENV_VAR = "KEM_MTL_DATA"
 DEFAULT_DATA_ROOT = "~/.cache/kem_mtl"
@@ -118,7 +134,7 @@ SOURCES = {  # where each dataset comes from and which folder names it may have 
              "layout": "gt_sets/{train,val}.txt, images/<id>.jpg, segmentation/<id>.png, "
                        "depth/<id>.npy, normals/<id>.npy, edge/<id>.npy"},
     "pascal": {"url": "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz",
-               "archive": "PASCAL_MT.tgz", "dirs": ("PASCAL_MT",),
+               "archive": "PASCAL_MT.tgz", "dirs": ("PASCAL_MT", "PASCALContext"),   # ASTMT / InvPT name
                "layout": "ImageSets/Context/{train,val}.txt, JPEGImages/<id>.jpg, "
                          "pascal-context/trainval/<id>.mat, semseg/{VOC12,pascal-context}/<id>.png, "
                          "human_parts/<id>.mat, normals_distill/<id>.png, sal_distill/<id>.png"},
@@ -152,6 +168,30 @@ class DatasetError(RuntimeError):
     file and what was expected), or a download failed."""
 
 
+def _check_name(name: str) -> None:
+    if name not in NAMES:
+        raise ValueError(f"name must be one of {list(NAMES)}, got {name!r}")
+
+
+def task_channels(name: str) -> dict:
+    """{task: output channels of its prediction head} for any dataset in NAMES (a fresh copy).
+    "synthetic" imports synthetic.py here, so NYUD and PASCAL never need it."""
+    _check_name(name)
+    if name == "synthetic":
+        import synthetic
+        return dict(synthetic.TASKS)
+    return dict(TASKS[name])
+
+
+def class_names(name: str) -> list:
+    """Semantic class names, index = semseg label, for any dataset in NAMES (a fresh copy)."""
+    _check_name(name)
+    if name == "synthetic":
+        import synthetic
+        return list(synthetic.CLASS_NAMES)
+    return list(CLASS_NAMES[name])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data root and small helpers
 
@@ -167,6 +207,7 @@ def _manual_help(name: str, data_root: Path) -> str:
     src = SOURCES[name]
     return (f"\n  URL: {src['url']}"
             f"\n  expected layout: {data_root / src['dirs'][0]}/ with {src['layout']}"
+            f"\n  accepted folder names under the data root: {', '.join(d + '/' for d in src['dirs'])}"
             f"\n  manual download: put {src['archive']} into {data_root}/ (it is checked and extracted on"
             f" the next run), or extract it there yourself"
             f"\n  data root order: --data-dir, then ${ENV_VAR}, then {DEFAULT_DATA_ROOT}"
@@ -174,8 +215,8 @@ def _manual_help(name: str, data_root: Path) -> str:
 
 
 def _check_tasks(name: str, tasks) -> tuple:
-    """Validate a task subset against TASKS[name]; returns it in the canonical order."""
-    valid = TASKS[name]
+    """Validate a task subset against task_channels(name); returns it in the canonical order."""
+    valid = task_channels(name)
     if tasks is None:
         return tuple(valid)
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
@@ -254,6 +295,8 @@ def _label_edges(labelmap: np.ndarray) -> np.ndarray:
     """Pixels where the 4-neighbour Laplacian of the label map is non-zero, thinned: (H, W) bool.
     Border handling mirrors without repeating the edge pixel (scipy "mirror" = reflect-101)."""
     from scipy.ndimage import convolve
+
+    from metrics import thin  # the one project import of the real loaders (PASCAL edge labels only)
     kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
     lap = convolve(labelmap.astype(np.float64), kernel, mode="mirror")
     return thin(lap != 0)
@@ -411,8 +454,9 @@ class PASCALContext(_Folder):
     """PASCAL-Context (4,998 train / 5,105 val) in the PASCAL_MT layout: semseg (21), parts (7),
     sal, normals, edge.
 
-    Arguments as for NYUD; root is the folder holding ImageSets/ or a data root holding PASCAL_MT/,
-    split a file in ImageSets/Context/.
+    Arguments as for NYUD; root is the folder holding ImageSets/ or a data root holding PASCAL_MT/
+    (ASTMT / MTI-Net's name) or PASCALContext/ (ATRC / InvPT's name for the same inner layout; the
+    first one present wins), split a file in ImageSets/Context/.
     """
     name, dirs, marker, split_dir = "pascal", SOURCES["pascal"]["dirs"], "ImageSets", "ImageSets/Context"
     needs = {"semseg": ("semseg",), "parts": ("parts",), "sal": ("sal",),
@@ -551,7 +595,8 @@ def _gdown(url: str, part: Path):
         raise DatasetError("the NYUD download needs the gdown package (pip install gdown)") from e
     tmp = Path(tempfile.mkdtemp(prefix=".gdown.", dir=part.parent))
     try:
-        out = gdown.download(url, str(tmp / part.stem), quiet=False, fuzzy=True)
+        file_id = url.rstrip("/").split("/d/")[-1].split("/")[0]     # .../file/d/<id>[/view]
+        out = gdown.download(id=file_id, output=str(tmp / part.stem), quiet=False)   # `id=`: gdown >= 4.7 and 6.x
         if out is None:
             raise DatasetError(f"gdown could not download {url}")
         os.replace(out, part)
@@ -684,7 +729,7 @@ def rescale(sample: dict, s: float) -> dict:
         elif key == "normals":
             valid = _resize((x != 0).any(0).float(), hw, "nearest-exact") > 0      # (h, w)
             n = _resize(x, hw, "bilinear")                                          # (3, h, w)
-            norm = n.norm(dim=0)
+            norm = n.square().sum(0).sqrt()     # (h, w); n.norm(dim=0) measured 30-80x slower on CPU
             out[key] = torch.where(valid & (norm > 1e-6), n / norm.clamp_min(1e-6), torch.zeros(()))
         else:
             y = _resize(x, hw, "nearest-exact")
@@ -785,10 +830,14 @@ class EvalTransform:
 # ----------------------------------------------------------------------------------------------------
 # What train.py calls, and an exporter to packaging B
 
-DEFAULT_SIZES = {"nyud": {"train": (448, 576), "eval": (480, 640)},   # crops of the InvPT family
+# The one place the default sizes live, the synthetic preset's included: train.py reads these rather
+# than restating them. NYUD / PASCAL: the InvPT family's train crops and eval pads.
+DEFAULT_SIZES = {"nyud": {"train": (448, 576), "eval": (480, 640)},
                  "pascal": {"train": (512, 512), "eval": (512, 512)},
                  "synthetic": {"train": (96, 128), "eval": (96, 128)}}
-DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}                    # synthetic only
+# Samples per split of the synthetic dataset when num_samples is None; like DEFAULT_SIZES, the one
+# place train.py's synthetic preset takes them from.
+DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}
 
 
 def build_dataset(name: str, split: str, *, root=None, train=None, size=None, tasks=None,
@@ -801,15 +850,14 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
         root: data root (see the module docstring); ignored for synthetic.
         train: train transforms if True, eval transforms if False; default split == "train".
         size: (h, w) crop size for training, pad size for eval; default DEFAULT_SIZES[name].
-        tasks: None (all of TASKS[name]) or a subset.
+        tasks: None (all of task_channels(name)) or a subset.
         download: fetch a missing real dataset (False -> DatasetError with instructions instead).
-        num_samples: synthetic: number of samples (default 2,000 train / 200 val); real datasets:
+        num_samples: synthetic: number of samples (default DEFAULT_NUM_SAMPLES[split]); real datasets:
             keep only the first num_samples ids (quick runs).
         seed: synthetic scene seed.
         cache: synthetic: render every scene once, up front, and keep it in memory.
     """
-    if name not in TASKS:
-        raise ValueError(f"name must be one of {sorted(TASKS)}, got {name!r}")
+    _check_name(name)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if num_samples is not None and num_samples < 1:
@@ -821,6 +869,7 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
         raise ValueError(f"size must be (height, width) with positive entries, got {size}")
     transform = TrainTransform(size) if train else EvalTransform(size)
     if name == "synthetic":
+        from synthetic import SyntheticRooms  # only the offline dataset needs synthetic.py
         return SyntheticRooms(split, num_samples or DEFAULT_NUM_SAMPLES[split], size=size, seed=seed,
                               tasks=list(tasks), transform=transform, cache=cache)
     path = prepare_dataset(name, root, download_ok=download)

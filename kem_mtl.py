@@ -59,6 +59,7 @@ Notes:
   processes under DDP behave like one large batch.
 """
 import math
+import os
 import urllib.error
 
 import torch
@@ -269,19 +270,11 @@ class TorchvisionBackbone(nn.Module):
         except ImportError as error:
             raise ImportError(f"backbone {name!r} needs torchvision (pip install torchvision); "
                               f"backbone='tiny' works without it") from error
-        weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+        weights = fetch_pretrained_weights(name) if pretrained else None
         kwargs = {}
         if name.startswith("resnet") and pretrained:
             kwargs["norm_layer"] = torchvision.ops.misc.FrozenBatchNorm2d
-        try:
-            model = getattr(torchvision.models, name)(weights=weights, **kwargs)
-        except (urllib.error.URLError, OSError, RuntimeError) as error:
-            raise RuntimeError(
-                f"could not load the ImageNet weights of {name} ({type(error).__name__}: {error}). "
-                f"They are downloaded once from {weights.url} into "
-                f"{torch.hub.get_dir()}/checkpoints/. Offline, copy that file there from a machine "
-                f"with network access, or train from scratch with pretrained=False "
-                f"(train.py --no-pretrained)") from error
+        model = getattr(torchvision.models, name)(weights=weights, **kwargs)
         self.is_swin = name.startswith("swin")
         if self.is_swin:
             f = model.features  # [embed /4, stage1, merge /8, stage2, merge /16, stage3, merge /32, stage4]
@@ -303,6 +296,39 @@ class TorchvisionBackbone(nn.Module):
         s4, _, s16, s32 = feats
         s32 = nnf.interpolate(s32, size=s16.shape[-2:], mode="bilinear", align_corners=False)
         return s4, torch.cat([s16, s32], dim=1)                         # (B, C_skip, H/4, W/4), (B, C_deep, H/16, W/16)
+
+
+class WeightsUnavailable(RuntimeError):
+    """The ImageNet weights of a torchvision backbone are not on disk and could not be fetched."""
+
+
+def fetch_pretrained_weights(name, download=True):
+    """The torchvision weights enum of backbone `name`, with its file in torch's hub cache.
+
+    A file already in <torch hub dir>/checkpoints/ is used as is; otherwise it is downloaded once
+    (download=False: not even tried). Raises WeightsUnavailable saying where the file must go.
+    """
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError(f"backbone {name!r} needs torchvision (pip install torchvision); "
+                          f"backbone='tiny' works without it") from error
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if os.path.isfile(os.path.join(folder, os.path.basename(weights.url))):
+        return weights
+    where = (f"They are downloaded once from {weights.url} into {folder}/. Offline, copy that file there "
+             f"from a machine with network access, or train from scratch with pretrained=False "
+             f"(train.py --no-pretrained)")
+    if not download:
+        raise WeightsUnavailable(f"the ImageNet weights of {name} are not on this machine and downloading "
+                                 f"is switched off. {where}")
+    try:
+        weights.get_state_dict(progress=False)            # downloads into the cache (and checks the hash)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise WeightsUnavailable(f"could not load the ImageNet weights of {name} ({type(error).__name__}: "
+                                 f"{error}). {where}") from None
+    return weights
 
 
 def build_backbone(name, pretrained=False):

@@ -9,12 +9,17 @@ Pinned down, without network and without the real data:
   pascal-context), edges = thinned non-zero Laplacian of LabelMap (against a loop oracle), normals
   kept only on the listed LabelMap classes, saliency /255 > 0.5, human parts merged from a real
   nested Pascal-Part struct (persons only, later parts paint over earlier ones, all 255 without a
-  person part).
-- Thinning: scikit-image's documented example of `thin`, a per-pixel loop oracle of Guo-Hall on
-  random masks, and its properties (subset, idempotent, one-pixel lines kept).
+  person part). The same tree under the InvPT name PASCALContext/ is found and reads identically.
+- Thinning (metrics.thin, which the PASCAL edge labels use): scikit-image's documented example, a
+  per-pixel loop oracle of Guo-Hall on random masks, and its properties (subset, idempotent,
+  one-pixel lines kept).
+- Copying: `import datasets` loads neither synthetic.py nor metrics.py, and NYUD (and PASCAL without
+  edges) load without them; task_channels / class_names answer for every name in NAMES while TASKS /
+  CLASS_NAMES hold only the real datasets' facts.
 - Downloads from a file:// tarball through the real code path: success, present-and-valid -> no
   download, a manual archive is used, checksum / size mismatch, escaping members, corrupt archives,
-  interrupted streams and Ctrl-C (nothing half-written, a retry succeeds), the offline message.
+  interrupted streams and Ctrl-C (nothing half-written, a retry succeeds), the offline message
+  (naming every accepted folder).
 - Transforms: flip twice = identity, flip negates normals' x and keeps them unit, scaling divides
   depth and repeats labels, normals stay unit or exactly zero, padding is ignored in every map,
   crops are windows of the input, determinism from a generator or the DataLoader worker seeds.
@@ -22,9 +27,12 @@ Pinned down, without network and without the real data:
   labels out of range, shapes that disagree, bad arguments.
 """
 import io
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -40,7 +48,10 @@ from PIL import Image
 from scipy.io import savemat
 
 import datasets as D
+import synthetic
 from datasets import DatasetError
+from metrics import thin
+from synthetic import SyntheticRooms
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*official split:UserWarning")
 
@@ -239,7 +250,7 @@ def test_nyud_reads_only_the_requested_tasks(tmp_path):
 
 def synthetic_tree(root: Path, size=(24, 32), n=(3, 2)):
     """SyntheticRooms exported in packaging B; returns the two source datasets."""
-    src = {split: D.SyntheticRooms(split, k, size=size, seed=3) for split, k in zip(("train", "val"), n)}
+    src = {split: SyntheticRooms(split, k, size=size, seed=3) for split, k in zip(("train", "val"), n)}
     for split, ds in src.items():
         D.export_nyud_layout(ds, root, split)
     return src
@@ -373,6 +384,23 @@ def test_pascal_task_subset_and_dtypes(tmp_path):
     assert set(s["edge"].unique().tolist()) <= {0.0, 1.0}
 
 
+def test_pascal_under_the_invpt_folder_name_is_found_and_read_alike(tmp_path):
+    # ATRC / InvPT's PASCALContext.tar.gz extracts to PASCALContext/ with PASCAL_MT's inner layout
+    write_pascal(tmp_path / "mt" / "PASCAL_MT")
+    write_pascal(tmp_path / "invpt" / "PASCALContext")
+    for split in ("train", "val"):
+        mt, invpt = D.PASCALContext(tmp_path / "mt", split), D.PASCALContext(tmp_path / "invpt", split)
+        assert invpt.root == tmp_path / "invpt" / "PASCALContext" and invpt.ids == mt.ids
+        for i in range(len(mt)):
+            assert_samples_equal(invpt[i], mt[i])                   # every task, value for value
+    data = tmp_path / "invpt"
+    assert D.prepare_dataset("pascal", data, download_ok=False) == data / "PASCALContext"   # no download
+    s = D.build_dataset("pascal", "val", root=data, size=(16, 16), download=False)[0]
+    assert s["image"].shape == (3, 16, 16) and s["meta"] == {"id": "2008_000003", "size": (10, 12)}
+    shutil.copytree(tmp_path / "mt" / "PASCAL_MT", data / "PASCAL_MT")
+    assert D.PASCALContext(data, "val").root == data / "PASCAL_MT"   # both present: the first name wins
+
+
 # ----------------------------------------------------------------------------------------------------
 # Thinning
 
@@ -383,7 +411,7 @@ def test_thin_matches_the_documented_scikit_image_example():
     square[0, 1] = True
     want = np.zeros((7, 7), bool)
     want[[0, 1, 2, 3, 4], [1, 2, 3, 3, 3]] = True
-    assert np.array_equal(D.thin(square), want)
+    assert np.array_equal(thin(square), want)
 
 
 @settings(deadline=None, max_examples=60)
@@ -392,22 +420,22 @@ def test_thin_matches_the_documented_scikit_image_example():
 @example(3, 9, 1.0, 0)
 def test_thin_equals_the_loop_oracle_and_is_a_thinning(H, W, p, seed):
     mask = np.random.default_rng(seed).random((H, W)) < p
-    got = D.thin(mask)
+    got = thin(mask)
     assert np.array_equal(got, oracle_thin(mask))
     assert not (got & ~mask).any()                                  # only removes pixels
-    assert np.array_equal(D.thin(got), got)                         # nothing left to remove
+    assert np.array_equal(thin(got), got)                         # nothing left to remove
 
 
 def test_thin_keeps_one_pixel_lines_and_thins_bands():
     line = np.zeros((5, 9), bool)
     line[2, 1:8] = True
-    assert np.array_equal(D.thin(line), line)
+    assert np.array_equal(thin(line), line)
     band = np.zeros((6, 12), bool)
     band[1:4, 1:11] = True                                          # three pixels thick
-    thinned = D.thin(band)
+    thinned = thin(band)
     assert (thinned[:, 3:9].sum(0) == 1).all()                      # one pixel thick away from the ends
     with pytest.raises(ValueError, match="2-D binary image"):
-        D.thin(np.zeros((2, 2, 2)))
+        thin(np.zeros((2, 2, 2)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -671,28 +699,43 @@ def test_offline_message_says_what_to_fetch_and_where(tmp_path, monkeypatch):
         D.prepare_dataset("pascal", data)
     msg = str(e.value)
     for part in (D.SOURCES["pascal"]["url"], "URLError", f"{data}/PASCAL_MT/", "ImageSets/Context/{train,val}.txt",
-                 f"put PASCAL_MT.tgz into {data}/", "--data-dir", "KEM_MTL_DATA", "--dataset synthetic"):
+                 "PASCAL_MT/, PASCALContext/", f"put PASCAL_MT.tgz into {data}/", "--data-dir", "KEM_MTL_DATA",
+                 "--dataset synthetic"):
         assert part in msg, part
     assert os.listdir(data) == []
     with pytest.raises(DatasetError, match=r"(?s)not under .* downloading is switched off.*--dataset synthetic"):
         D.build_dataset("nyud", "train", root=tmp_path / "empty", download=False)
 
 
+def gdown_fake(behaviour):
+    """A stand-in for gdown.download that accepts exactly the installed gdown's arguments (a call the
+    real one would refuse fails here too), records the call and then does `behaviour(kwargs)`."""
+    import inspect
+
+    import gdown
+    signature, calls = inspect.signature(gdown.download), []
+
+    def fake(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return behaviour(calls[-1])
+    return fake, calls
+
+
 def test_nyud_download_goes_through_gdown_and_cleans_up(tmp_path, monkeypatch):
     import gdown
-    calls = []
 
-    def fake(url, output, quiet, fuzzy):                            # gdown keeps partial bytes beside output
-        calls.append(url)
-        Path(output + "x1y2z3w4.part").write_bytes(b"half a tarball")
+    def fail(kwargs):                                               # gdown keeps partial bytes beside output
+        Path(kwargs["output"] + "x1y2z3w4.part").write_bytes(b"half a tarball")
         raise ConnectionError("no route to drive")
+    fake, calls = gdown_fake(fail)
     monkeypatch.setattr(gdown, "download", fake)
     with pytest.raises(DatasetError) as e:
         D.prepare_dataset("nyud", tmp_path)
-    assert calls == [D.SOURCES["nyud"]["url"]] and "14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw" in str(e.value)
+    assert [c["id"] for c in calls] == ["14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw"]
+    assert "14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw" in str(e.value)
     assert "ConnectionError: no route to drive" in str(e.value) and "NYUD_MT.tgz" in str(e.value)
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(gdown, "download", lambda url, output, quiet, fuzzy: None)
+    monkeypatch.setattr(gdown, "download", gdown_fake(lambda kwargs: None)[0])
     with pytest.raises(DatasetError, match="gdown could not download"):
         D.prepare_dataset("nyud", tmp_path)
     assert os.listdir(tmp_path) == []
@@ -701,10 +744,10 @@ def test_nyud_download_goes_through_gdown_and_cleans_up(tmp_path, monkeypatch):
 def test_nyud_download_through_gdown_succeeds(tmp_path, monkeypatch, nyud_archive):
     import gdown
 
-    def fake(url, output, quiet, fuzzy):                            # what gdown does on success
-        shutil.copy(nyud_archive[0], output)
-        return output
-    monkeypatch.setattr(gdown, "download", fake)
+    def succeed(kwargs):                                            # what gdown does on success
+        shutil.copy(nyud_archive[0], kwargs["output"])
+        return kwargs["output"]
+    monkeypatch.setattr(gdown, "download", gdown_fake(succeed)[0])
     data = tmp_path / "data"
     assert D.prepare_dataset("nyud", data) == data / "NYUD_MT" and os.listdir(data) == ["NYUD_MT"]
 
@@ -775,11 +818,15 @@ def test_scaling_by_two_repeats_labels_and_halves_depth():
 @settings(deadline=None, max_examples=40)
 @given(st.integers(2, 10), st.integers(2, 10), st.floats(0.5, 2.0), st.integers(0, 2**31 - 1))
 def test_scaled_normals_are_unit_or_exactly_zero(H, W, scale, seed):
-    out = D.rescale(fake_sample(H, W, seed), scale)["normals"]
+    s = fake_sample(H, W, seed)
+    out = D.rescale(s, scale)["normals"]
     norm = out.norm(dim=0)
     valid = norm > 0
     torch.testing.assert_close(norm[valid], torch.ones(int(valid.sum())), rtol=0, atol=1e-5)
     assert (out[:, ~valid] == 0).all()
+    # oracle: bilinear resize, then divide by torch's own norm (rescale computes it another way)
+    n = F.interpolate(s["normals"][None], size=out.shape[-2:], mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(out[:, valid], (n / n.norm(dim=0))[:, valid], rtol=0, atol=1e-6)
 
 
 def test_padding_values_and_eval_transform():
@@ -894,10 +941,13 @@ def test_dataloader_worker_seeds_make_augmentation_reproducible():
 # build_dataset
 
 def test_build_dataset_synthetic_and_real(tmp_path):
+    # the synthetic preset's defaults live in DEFAULT_NUM_SAMPLES / DEFAULT_SIZES and nowhere else
+    assert D.DEFAULT_NUM_SAMPLES == {"train": 2000, "val": 200}
+    assert D.DEFAULT_SIZES["synthetic"] == {"train": (96, 128), "eval": (96, 128)}
     assert len(D.build_dataset("synthetic", "train")) == 2000 and len(D.build_dataset("synthetic", "val")) == 200
     s = D.build_dataset("synthetic", "val", num_samples=2, tasks=["semseg", "depth"])[1]
     assert set(s) == {"image", "semseg", "depth", "meta"} and s["image"].shape == (3, 96, 128)
-    assert D.TASKS["synthetic"] == D.SyntheticRooms.__init__.__globals__["TASKS"]
+    assert isinstance(D.build_dataset("synthetic", "val", num_samples=1), SyntheticRooms)
     synthetic_tree(tmp_path / "NYUD_MT", size=(16, 20), n=(2, 1))
     train = D.build_dataset("nyud", "train", root=tmp_path, size=(12, 12))
     assert isinstance(train.transform, D.TrainTransform) and train[0]["semseg"].shape == (12, 12)
@@ -906,3 +956,62 @@ def test_build_dataset_synthetic_and_real(tmp_path):
     assert v["image"].shape == (3, 480, 640) and (v["semseg"][16:] == 255).all() and v["meta"]["size"] == (16, 20)
     assert len(D.build_dataset("nyud", "train", root=tmp_path, num_samples=1)) == 1
     assert D.build_dataset("nyud", "train", root=tmp_path, train=False, size=(16, 20))[0]["image"].shape == (3, 16, 20)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Copying datasets.py alone: no project import at module level, per-dataset facts for every name
+
+ISOLATION_SCRIPT = """
+import json, sys
+loaded = lambda: {m: m in sys.modules for m in ("synthetic", "metrics")}
+steps = {}
+import datasets
+steps["import datasets"] = loaded()
+datasets.task_channels("nyud"), datasets.class_names("pascal")
+steps["facts of nyud / pascal"] = loaded()
+ds = datasets.build_dataset("nyud", "train", root=sys.argv[1], size=(4, 4), download=False)
+ds[0], ds[1]
+steps["build_dataset nyud + samples"] = loaded()
+datasets.PASCALContext(sys.argv[2], "val", tasks=["semseg", "parts", "sal", "normals"])[0]
+steps["pascal without edges"] = loaded()
+datasets.PASCALContext(sys.argv[2], "val", tasks=["edge"])[0]
+steps["pascal edges"] = loaded()
+datasets.task_channels("synthetic")
+steps["task_channels synthetic"] = loaded()
+print(json.dumps(steps))
+"""
+
+
+def test_datasets_alone_reads_nyud_and_imports_synthetic_and_metrics_only_when_needed(tmp_path):
+    write_nyud(tmp_path / "nyud" / "NYUD_MT", "B")
+    write_pascal(tmp_path / "pascal" / "PASCAL_MT")
+    repo = Path(D.__file__).parent
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", ISOLATION_SCRIPT, str(tmp_path / "nyud"),
+                           str(tmp_path / "pascal")], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads(proc.stdout.splitlines()[-1])
+    none, thin_only = {"synthetic": False, "metrics": False}, {"synthetic": False, "metrics": True}
+    assert steps == {"import datasets": none, "facts of nyud / pascal": none,
+                     "build_dataset nyud + samples": none, "pascal without edges": none,
+                     "pascal edges": thin_only,                             # metrics.thin, imported lazily
+                     "task_channels synthetic": {"synthetic": True, "metrics": True}}, steps
+
+
+def test_task_channels_and_class_names_answer_for_every_name():
+    assert D.NAMES == ("nyud", "pascal", "synthetic")
+    assert set(D.TASKS) == set(D.CLASS_NAMES) == {"nyud", "pascal"}       # facts of the real packagings
+    for name in ("nyud", "pascal"):
+        assert D.task_channels(name) == D.TASKS[name] and D.class_names(name) == D.CLASS_NAMES[name]
+    assert D.task_channels("synthetic") == synthetic.TASKS and D.class_names("synthetic") == synthetic.CLASS_NAMES
+    for name in D.NAMES:                                            # semseg head width = number of classes
+        assert D.task_channels(name)["semseg"] == len(D.class_names(name)), name
+    assert (len(D.class_names("nyud")), len(D.class_names("pascal"))) == (40, 21)   # REFERENCE §4
+    heads, names = D.task_channels("synthetic"), D.class_names("synthetic")
+    heads["semseg"], names[0] = -1, "changed"                       # callers get copies
+    assert D.task_channels("synthetic") == synthetic.TASKS and D.class_names("synthetic")[0] != "changed"
+    for fn in (D.task_channels, D.class_names):
+        with pytest.raises(ValueError, match=r"name must be one of \['nyud', 'pascal', 'synthetic'\], got 'coco'"):
+            fn("coco")
+    for gone in ("thin", "SyntheticRooms", "PART_NAMES"):           # import these from metrics / synthetic
+        assert not hasattr(D, gone), gone

@@ -22,10 +22,12 @@ import torch
 
 import datasets
 import train
+from synthetic import SyntheticRooms
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-samples", "24",
-        "--val-samples", "4", "--workers", "0", "--batch-size", "2", "--log-interval", "2"]
+        "--val-samples", "4", "--workers", "0", "--batch-size", "2", "--log-interval", "2", "--procs", "1"]
+DEFAULT_PROCS = [a for a in TINY if a not in ("--procs", "1")]    # --procs auto: 2 processes on a 2-core CPU
 
 
 def run(args, check=True, timeout=300, **kwargs):
@@ -63,7 +65,7 @@ def train_losses(path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "a"
-    proc = run([*TINY, "--max-iters", "40", "--eval-interval", "20", "--out-dir", str(out)])
+    proc = run([*DEFAULT_PROCS, "--max-iters", "40", "--eval-interval", "20", "--out-dir", str(out)])
     return out, proc
 
 
@@ -80,7 +82,7 @@ def test_a_tiny_run_learns_and_writes_every_output(tiny_run):
     assert last < 0.8 * first, f"loss did not fall: first {first:.3f}, last three {last:.3f}"
     results = json.loads((out / "results.json").read_text())
     m = results["metrics"]
-    assert set(m) == set(datasets.TASKS["synthetic"])
+    assert set(m) == set(datasets.task_channels("synthetic"))
     assert 0 <= m["semseg"]["mIoU"] <= 1 and 0 <= m["parts"]["mIoU"] <= 1
     assert m["depth"]["rmse"] > 0 and math.isfinite(m["depth"]["rmse"])
     assert 0 <= m["normals"]["mean"] <= 180
@@ -106,13 +108,13 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
     """Kill a run once it has checkpointed, resume it, and compare every logged loss."""
     reference, _ = tiny_run
     out = tmp_path / "b"
-    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--max-iters", "40", "--eval-interval", "20",
+    args = [sys.executable, str(ROOT / "train.py"), *DEFAULT_PROCS, "--max-iters", "40", "--eval-interval", "20",
             "--out-dir", str(out)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
     while not (out / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)                  # the program and every process it started, at once
     proc.wait()
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iteration"]
     assert stopped_at == 20, "the run must have been stopped between its two checkpoints"
@@ -146,7 +148,7 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path):
 
 
 def test_the_real_nyud_path_on_an_exported_packaging_b_tree(tmp_path):
-    source = datasets.SyntheticRooms("train", 6, size=(48, 64), seed=3, tasks=["semseg", "depth", "normals", "edge"])
+    source = SyntheticRooms("train", 6, size=(48, 64), seed=3, tasks=["semseg", "depth", "normals", "edge"])
     datasets.export_nyud_layout(torch.utils.data.Subset(source, range(4)), tmp_path / "NYUD_MT", "train")
     datasets.export_nyud_layout(torch.utils.data.Subset(source, range(4, 6)), tmp_path / "NYUD_MT", "val")
     out = tmp_path / "run"
@@ -184,7 +186,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     (["--tasks", "semseg,height"], "unknown task(s) height for --dataset synthetic; valid tasks are semseg"),
     (["--topk", "0"], "--topk must be a count >= 1 or a fraction in (0, 1], got 0"),
     (["--topk", "1.5"], "got 1.5"),
-    (["--num-slots", "0"], "--num-slots must be between 1 and"),
+    (["--num-slots", "0"], "--num-slots must be >= 1, got 0"),
+    (["--num-slots", "70", "--etf", "slots"], "with --num-slots 70: a simplex of num_vectors=70 vectors needs --dim >= 69, got --dim 64"),
+    (["--topk-mode", "post", "--procs", "3"], "--procs 3 must divide --batch-size 8"),
     (["--etf", "slots", "--exchange", "cross"], "needs --exchange kem"),
     (["--backbone", "tiny", "--pretrained"], "the tiny backbone has no pretrained weights"),
     (["--train-samples", "5", "--dataset", "nyud"], "only applies to --dataset synthetic"),
