@@ -5,6 +5,7 @@
     python bench.py etf           # what projecting the tokens into ETF space costs
     python bench.py data          # SyntheticRooms samples per second
     python bench.py edges         # the exact edge metric on 480x640 maps
+    python bench.py presets       # the nyud / pascal presets at protocol size: step, memory, evaluation
     python bench.py --help        # every benchmark this file holds
 
 Each benchmark is a function `bench_<name>(args)` registered in BENCHES at the bottom; it prints
@@ -37,16 +38,36 @@ def _make_step(spec, device):
 
     torch.manual_seed(0)
     kind = spec[0]
-    if kind == "step":       # a whole training step of MultiTaskNet: forward, losses, backward, AdamW
-        _, exchange, H, W, B, dim, tasks = spec
-        model = MultiTaskNet(dict(tasks), exchange=exchange, dim=dim).to(device)
-        opt = torch.optim.AdamW(model.parameters())
-        images = torch.randn(B, 3, H, W, device=device)
+    if kind in ("train", "infer"):   # a field preset at its real size: torchvision backbone, Adam, or one eval image
+        return _make_preset_step(spec, device)
+    if kind == "edges":              # the exact edge metric on one network-like map
+        _, H, W, max_dist = spec
+        import metrics
+
+        (prob, gt), = _edge_maps(1, H, W)
+        meter = metrics.EdgeMeter(max_dist, exact=True)         # 99 thresholds, in this process
 
         def step():
-            loss = sum(o.float().square().mean() for o in model(images).values())
+            meter.reset()
+            meter.update(prob, gt)
+            meter.compute()
+        return step
+    if kind == "step":       # a whole training step as train.py takes it: forward, its losses, backward, clip, AdamW
+        _, exchange, H, W, B, dim, tasks = spec
+        import train
+
+        model = MultiTaskNet(dict(tasks), exchange=exchange, dim=dim).to(device)
+        preset = train.PRESETS["synthetic"]
+        opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], weight_decay=preset["weight_decay"])
+        images = torch.randn(B, 3, H, W, device=device)
+        targets = _random_targets(dict(tasks), B, H, W, device)
+
+        def step():
+            losses = train.compute_losses(model(images), targets, list(targets))
+            loss = sum(train.TASKS[t].weight * losses[t] for t in losses)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset["grad_clip"])
             opt.step()
         return step
     _, N, D, B, L, k = spec  # one module, forward + backward on (B, N, D) tokens
@@ -62,13 +83,61 @@ def _make_step(spec, device):
     return step
 
 
-def _time_and_memory(spec, repeats, device, queue):
+def _random_targets(tasks, B, H, W, device):
+    """Targets in each task's format (labels, metres, unit normals, binary maps), for timing only."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"depth": lambda: torch.rand(B, 1, H, W, generator=g) * 5 + 0.5,
+              "normals": lambda: torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1),
+              "edge": lambda: (torch.rand(B, 1, H, W, generator=g) > 0.9).float(),
+              "sal": lambda: (torch.rand(B, 1, H, W, generator=g) > 0.5).float()}
+    return {t: (shapes[t]() if t in shapes else torch.randint(0, c, (B, H, W), generator=g)).to(device)
+            for t, c in tasks.items()}
+
+
+def _make_preset_step(spec, device):
+    """("train", backbone, exchange, H, W, B, dim, tasks, lr, weight_decay): forward, a loss over every
+    output, backward and an Adam step; ("infer", backbone, exchange, H, W, dim, tasks): one image, no grad.
+    The step's `info` records how many tokens the exchange saw (filled by the warm-up step)."""
+    import torch
+
+    from kem_mtl import MultiTaskNet
+
+    kind, backbone, exchange, H, W = spec[:5]
+    B, dim, tasks = (spec[5], spec[6], spec[7]) if kind == "train" else (1, spec[5], spec[6])
+    model = MultiTaskNet(dict(tasks), backbone=backbone, pretrained=False, exchange=exchange, dim=dim).to(device)
+    info = {}
+    model.exchange.register_forward_pre_hook(lambda module, inputs: info.update(tokens=inputs[0].shape[1]))
+    images = torch.randn(B, 3, H, W, device=device)
+    if kind == "train":
+        lr, weight_decay = spec[8:10]
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+        def step():
+            loss = sum(o.float().square().mean() for o in model(images).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def step():
+            model(images)
+    step.info = info
+    return step
+
+
+def _time_and_memory(spec, repeats, device, queue, threads=None):
     """Runs in a fresh process: seconds per step and the peak extra memory (MB)."""
     import resource
     import time
 
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     step = _make_step(spec, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -88,29 +157,39 @@ def _time_and_memory(spec, repeats, device, queue):
         extra = torch.cuda.max_memory_allocated() - base
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    queue.put((seconds, max(extra, 0) / 2**20))
+    queue.put((seconds, max(extra, 0) / 2**20, getattr(step, "info", {})))
 
 
-def measure(spec, repeats=3, device="cpu"):
+def measure(spec, repeats=3, device="cpu", info=False, procs=1):
     """(seconds per step, peak MB) for one spec, in its own process so the memory high-water mark
-    belongs to this measurement alone."""
+    belongs to this measurement alone; info=True adds what the step recorded (a dict, e.g. tokens).
+
+    procs > 1: that many processes run the spec side by side, each with cores / procs threads, as
+    train.py --procs does (without its gradient all-reduce); the seconds are their slowest, the memory
+    their sum."""
     import multiprocessing as mp
     import queue as queue_module
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_time_and_memory, args=(spec, repeats, device, queue))
-    proc.start()
-    while True:  # a child that dies (out of memory, an error) must not leave us waiting forever
+    threads = max(1, (os.cpu_count() or 1) // procs) if procs > 1 else None
+    children = [ctx.Process(target=_time_and_memory, args=(spec, repeats, device, queue, threads))
+                for _ in range(procs)]
+    for child in children:
+        child.start()
+    results = []
+    while len(results) < procs:  # a child that dies (out of memory, an error) must not leave us waiting forever
         try:
-            result = queue.get(timeout=1.0)
-            break
+            results.append(queue.get(timeout=1.0))
         except queue_module.Empty:
-            if not proc.is_alive() and queue.empty():
-                raise RuntimeError(f"measuring {spec[:2]} failed: its process exited with code {proc.exitcode} "
+            if any(not c.is_alive() and c.exitcode for c in children) and queue.empty():
+                code = next(c.exitcode for c in children if c.exitcode)
+                raise RuntimeError(f"measuring {spec[:2]} failed: its process exited with code {code} "
                                    "(its traceback is above; out of memory? try fewer tokens or a smaller batch)")
-    proc.join()
-    return result
+    for child in children:
+        child.join()
+    result = (max(r[0] for r in results), sum(r[1] for r in results), results[0][2])
+    return result if info else result[:2]
 
 
 def _write_json(path, rows, args):
@@ -184,11 +263,14 @@ def plot_exchange(rows, path):
 
 def bench_step(argv):
     parser = argparse.ArgumentParser(prog="bench.py step",
-                                     description="One training step of MultiTaskNet (6 synthetic tasks) per exchange.")
+                                     description="One training step of MultiTaskNet (6 synthetic tasks) per exchange, "
+                                                 "as train.py takes it (its losses, clipping, AdamW).")
     parser.add_argument("--sizes", nargs="+", default=["96x128", "192x256"], help="HxW images")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="images per step, split over --procs")
     parser.add_argument("--dim", type=int, default=64, help="token width (the synthetic preset's)")
     parser.add_argument("--exchanges", nargs="+", default=["none", "kem", "cross"])
+    parser.add_argument("--procs", type=int, nargs="+", default=[1],
+                        help="processes sharing the batch, as train.py --procs (1 = one process, every core)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -197,19 +279,23 @@ def bench_step(argv):
 
     tasks = tuple(TASKS.items())
     print(f"# MultiTaskNet, tiny backbone, {len(tasks)} tasks, batch {args.batch}, dim {args.dim}; forward, "
-          f"losses, backward and AdamW step; mean of {args.repeats} after one warm-up")
-    print("| image | tokens N | exchange | ms / step | images / s | peak extra MB |")
-    print("|---|---:|---|---:|---:|---:|")
+          f"train.py's losses, backward, clipping and AdamW; mean of {args.repeats} after one warm-up")
+    print("| image | tokens N | exchange | processes | ms / step | images / s | peak extra MB |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     rows = []
     for size in args.sizes:
         H, W = (int(v) for v in size.split("x"))
         N = len(tasks) * -(-H // 8) * -(-W // 8)                 # the tiny backbone's tokens: stride 8
         for exchange in args.exchanges:
-            seconds, mb = measure(("step", exchange, H, W, args.batch, args.dim, tasks), args.repeats, args.device)
-            rows.append(dict(size=size, tokens=N, exchange=exchange, ms=seconds * 1e3,
-                             images_per_s=args.batch / seconds, mb=mb))
-            print(f"| {size} | {N:,} | {exchange} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} | {mb:.0f} |",
-                  flush=True)
+            for procs in args.procs:
+                if args.batch % procs:
+                    raise SystemExit(f"--procs {procs} must divide --batch {args.batch}")
+                spec = ("step", exchange, H, W, args.batch // procs, args.dim, tasks)
+                seconds, mb = measure(spec, args.repeats, args.device, procs=procs)
+                rows.append(dict(size=size, tokens=N, exchange=exchange, procs=procs, ms=seconds * 1e3,
+                                 images_per_s=args.batch / seconds, mb=mb))
+                print(f"| {size} | {N:,} | {exchange} | {procs} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} "
+                      f"| {mb:.0f} |", flush=True)
     if args.json:
         _write_json(args.json, rows, args)
     return rows
@@ -245,36 +331,19 @@ BENCHES = {"exchange": bench_exchange, "step": bench_step, "etf": bench_etf}
 
 # --- edges: the exact edge metric on NYUD-sized maps -----------------------------------------
 
-def bench_edges(argv):
-    """Seconds per 480×640 image for EdgeMeter (99 thresholds), extrapolated to the 654 NYUD val images.
-
-    The maps are synthetic but shaped like a network's output: ground truth = boundaries of a random
-    Voronoi partition plus random curves; prediction = some edges dropped, spurious ones added,
-    blurred, scored at 1/4 resolution with noise, upsampled bilinearly (as the decoders do) and passed
-    through a sigmoid. Its background hovers around 0.02, so the lowest thresholds keep most of the
-    image: the thinning and matching then work on large regions, which is the slow case.
-    """
-    import time
-
+def _edge_maps(count, H, W, background=-4.0, seed=0):
+    """`count` (prediction, ground truth) pairs shaped like a network's edge output, each (1, 1, H, W):
+    ground truth = boundaries of a random Voronoi partition plus random curves; prediction = some
+    edges dropped, spurious ones added, blurred, scored at 1/4 resolution with noise, upsampled
+    bilinearly (as the decoders do) and passed through a sigmoid. With the default background logit
+    it hovers around 0.02, so the lowest thresholds keep most of the image: the thinning and
+    matching then work on large regions, which is the slow case."""
     import numpy as np
     import torch
     from scipy import ndimage
     from scipy.spatial import cKDTree
 
-    import metrics
-
-    parser = argparse.ArgumentParser(prog="bench.py edges", description=bench_edges.__doc__)
-    parser.add_argument("--images", type=int, default=8, help="synthetic images to score; more = steadier figure")
-    parser.add_argument("--processes", type=int, default=2, help="EdgeMeter worker processes (the target assumes 2)")
-    parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
-    parser.add_argument("--max-dist", type=float, default=0.011, help="0.011 NYUD, 0.0075 PASCAL")
-    parser.add_argument("--thresholds", type=int, default=99)
-    parser.add_argument("--background", type=float, default=-4.0,
-                        help="prediction logit away from edges; try -7 for cleaner (faster) maps")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    H, W = args.size
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
 
     def drawing(cells, curves):
         seeds = rng.uniform(0, 1, (cells, 2)) * (H, W)
@@ -294,14 +363,44 @@ def bench_edges(argv):
         kept = ndimage.gaussian_filter(rng.random((H, W)), 20) > 0.49      # drop some edges in patches
         strength = ndimage.gaussian_filter((gt & kept) + 0.6 * drawing(12, 6), 2.0) * 5.0
         low = strength[: H // 4 * 4, : W // 4 * 4].reshape(H // 4, 4, W // 4, 4).mean((1, 3))
-        logit = args.background + 9.0 * low + rng.normal(0, 0.6, low.shape)
+        logit = background + 9.0 * low + rng.normal(0, 0.6, low.shape)
         logit = ndimage.zoom(logit, (H / low.shape[0], W / low.shape[1]), order=1)
         return 1 / (1 + np.exp(-logit))
 
     maps = []
-    for _ in range(args.images):
+    for _ in range(count):
         gt = drawing(70, 25)
         maps.append((torch.from_numpy(prediction(gt))[None, None].float(), torch.from_numpy(gt)[None, None].long()))
+    return maps
+
+
+def bench_edges(argv):
+    """Seconds per 480×640 image for EdgeMeter (99 thresholds), extrapolated to the 654 NYUD val images.
+
+    The maps are synthetic but shaped like a network's output (`_edge_maps`): ground truth = boundaries
+    of a random Voronoi partition plus random curves, prediction = a degraded, blurred, upsampled copy
+    through a sigmoid. Its background hovers around 0.02, so the lowest thresholds keep most of the
+    image: the thinning and matching then work on large regions, which is the slow case.
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    import metrics
+
+    parser = argparse.ArgumentParser(prog="bench.py edges", description=bench_edges.__doc__)
+    parser.add_argument("--images", type=int, default=8, help="synthetic images to score; more = steadier figure")
+    parser.add_argument("--processes", type=int, default=2, help="EdgeMeter worker processes (the target assumes 2)")
+    parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
+    parser.add_argument("--max-dist", type=float, default=0.011, help="0.011 NYUD, 0.0075 PASCAL")
+    parser.add_argument("--thresholds", type=int, default=99)
+    parser.add_argument("--background", type=float, default=-4.0,
+                        help="prediction logit away from edges; try -7 for cleaner (faster) maps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    H, W = args.size
+    maps = _edge_maps(args.images, H, W, args.background, args.seed)
     print(f"# {args.images} synthetic {H}x{W} maps, {args.thresholds} thresholds, max_dist {args.max_dist}, "
           f"GT edge pixels {np.mean([g.float().mean().item() for _, g in maps]):.1%}, "
           f"prediction > 0.01 on {np.mean([(p > 0.01).float().mean().item() for p, _ in maps]):.0%} of pixels")
@@ -386,6 +485,83 @@ def bench_data(argv):
 
 
 BENCHES["data"] = bench_data
+
+
+# --- presets: what a real nyud / pascal run costs on this machine ----------------------------
+
+def bench_presets(argv):
+    """The field presets at protocol size: a training step, its memory, and evaluation per image.
+
+    For each preset (train.PRESETS: tasks, crop and eval sizes, dim, batch, Adam, max_iters), backbone
+    and exchange, each measured in a fresh process: seconds per training step (forward, a loss over
+    every output, backward, Adam step) and its peak extra memory, the tokens the exchange sees (read
+    from the model by a hook), and the projection for the preset's max_iters. Evaluation per image =
+    the forward of one image at the eval size (no grad) + the exact edge metric (EdgeMeter, 99
+    thresholds, one process) on a network-like map of that size (`_edge_maps`), projected to the
+    official val split.
+
+    Notes: pretrained=False, since weights cannot be downloaded here; the cost is the same. The loss is
+    a squared mean per output, not the preset's task losses (their cost is small next to the network).
+    train.py spreads the exact edges over worker processes beside the forward, so with spare cores
+    evaluation takes less than forward + edges; with 2 cores, about that.
+    """
+    import datasets
+    from kem_mtl import BACKBONES, EXCHANGES
+    from train import PRESETS
+
+    parser = argparse.ArgumentParser(prog="bench.py presets", description=bench_presets.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["nyud", "pascal"], choices=sorted(datasets.SPLIT_SIZES))
+    parser.add_argument("--backbones", nargs="+", default=["swin_t", "resnet50"], choices=BACKBONES,
+                        help="tiny makes a quick check of the harness")
+    parser.add_argument("--exchanges", nargs="+", default=["kem", "cross", "none"], choices=EXCHANGES)
+    parser.add_argument("--size", type=lambda text: tuple(int(v) for v in text.lower().split("x")), metavar="HxW",
+                        help="override both the train crop and the eval size (quick checks only)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per measurement, after one warm-up")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    print(f"# train step: forward, loss over every output, backward, Adam; eval: 1 image forward (no grad) "
+          f"+ exact edges (99 thresholds, 1 process); mean of {args.repeats} after one warm-up, each in a fresh "
+          f"process; memory = peak above the process before its first step; random init (cost as pretrained)")
+    print("| preset | backbone | exchange | train crop | tokens | s / step | peak extra MB | steps | projected "
+          "| eval size | tokens | forward s / image | edges s / image | val images | projected "
+          "| load before → after |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
+    rows = []
+    for name in args.presets:
+        preset, tasks = PRESETS[name], tuple(datasets.TASKS[name].items())
+        train_hw, eval_hw = (args.size, args.size) if args.size else (preset["train_size"], preset["eval_size"])
+        val_images, steps = datasets.SPLIT_SIZES[name]["val"], preset["max_iters"]
+        edges_s, _ = measure(("edges", *eval_hw, preset["edge_max_dist"]), args.repeats, args.device)
+        for backbone in args.backbones:
+            for exchange in args.exchanges:
+                load = os.getloadavg()[0]       # others on the machine slow every number: say how many
+                step_s, step_mb, seen = measure(
+                    ("train", backbone, exchange, *train_hw, preset["batch_size"], preset["dim"], tasks,
+                     preset["lr"], preset["weight_decay"]), args.repeats, args.device, info=True)
+                forward_s, _, seen_eval = measure(("infer", backbone, exchange, *eval_hw, preset["dim"], tasks),
+                                                  args.repeats, args.device, info=True)
+                row = dict(preset=name, backbone=backbone, exchange=exchange, batch=preset["batch_size"],
+                           dim=preset["dim"], train_size=list(train_hw), tokens=seen["tokens"], step_s=step_s,
+                           step_mb=step_mb, steps=steps, train_hours=steps * step_s / 3600,
+                           eval_size=list(eval_hw), eval_tokens=seen_eval["tokens"], forward_s=forward_s,
+                           edges_s=edges_s, eval_s_per_image=forward_s + edges_s, val_images=val_images,
+                           val_minutes=val_images * (forward_s + edges_s) / 60, load_before=load,
+                           load_after=os.getloadavg()[0])
+                rows.append(row)
+                print(f"| {name} | {backbone} | {exchange} | {'x'.join(map(str, train_hw))} | {row['tokens']:,} "
+                      f"| {step_s:.2f} | {step_mb:,.0f} | {steps:,} | {row['train_hours']:,.1f} h "
+                      f"| {'x'.join(map(str, eval_hw))} | {row['eval_tokens']:,} | {forward_s:.2f} | {edges_s:.2f} "
+                      f"| {val_images:,} | {row['val_minutes']:,.1f} min | {load:.2f} → {row['load_after']:.2f} |",
+                      flush=True)
+    if args.json:
+        _write_json(args.json, rows, args)
+    return rows
+
+
+BENCHES["presets"] = bench_presets
 
 
 def main(argv=None):

@@ -688,6 +688,23 @@ def load_weights(model, ckpt, path):
         raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
 
 
+def restore_state(ckpt, path, cfg, model, optimizer, scheduler, scaler):
+    """A checkpoint's weights (--eval-only, --resume) and, to resume, everything else the loop needs.
+    Returns (start iteration, best score so far)."""
+    if ckpt is None:
+        return 0, -math.inf
+    load_weights(model, ckpt, path)
+    if not cfg["resume"]:
+        return 0, -math.inf
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"])
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):   # the schedule of this --max-iters
+        group["lr"] = base * lr_factor(ckpt["iteration"], cfg["warmup_iters"], cfg["max_iters"], cfg["poly_power"])
+    return ckpt["iteration"], ckpt["best_score"]
+
+
 # --- one training step, its log line, evaluation, pictures --------------------------------------
 
 def train_step(model, batches, cfg, procs, autocast, scaler, optimizer, scheduler, running):
@@ -954,15 +971,7 @@ def run(cfg, ckpt_path, split_batch=1, inputs_checked=False):
     num_params = sum(p.numel() for p in model.parameters())
     optimizer, scheduler = build_optimizer(model, cfg)
     ckpt = load_checkpoint(ckpt_path)[0] if ckpt_path else None
-    start_iter, best_score = 0, -math.inf
-    if ckpt is not None:
-        load_weights(model, ckpt, ckpt_path)
-    if cfg["resume"]:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_iter, best_score = ckpt["iteration"], ckpt["best_score"]
-        set_rng_states(ckpt["rng"])
+    start_iter, best_score = restore_state(ckpt, ckpt_path, cfg, model, optimizer, scheduler, scaler)
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -1029,14 +1038,14 @@ def run(cfg, ckpt_path, split_batch=1, inputs_checked=False):
             best_score = max(best_score, score)
             window_start = time.time()   # evaluation time is not training time
 
-    # -- results
+    # -- results: the final evaluation, the training speed, the wall time
     if procs.master and last is not None:
         write_json(os.path.join(out_dir, "results.json"),
                    {"config": cfg, "iteration": cfg["max_iters"], "metrics": last["metrics"],
                     "delta_m": last.get("delta_m"), "parameters": num_params,
                     "train_images_per_s": train_images / train_seconds if train_seconds else None,
                     "wall_time_s": time.time() - start_time})
-        log(f"done in {_fmt_time(time.time() - start_time)}; results in {os.path.join(out_dir, 'results.json')}")
+        print(f"done in {_fmt_time(time.time() - start_time)}; results in {os.path.join(out_dir, 'results.json')}")
     return finish(procs, last)
 
 

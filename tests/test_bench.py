@@ -1,7 +1,8 @@
 """bench.py runs end to end on tiny sizes and reports what it says it reports.
 
 These tests check the harness (every benchmark runs, rows carry the requested sizes, the JSON and the
-plot are written, a crashed measurement raises instead of hanging); they never judge a timing.
+plot are written, token counts come from the model, projections follow from the measured times, a
+crashed measurement raises instead of hanging); they never judge a timing.
 """
 import json
 
@@ -36,6 +37,23 @@ def test_data_and_edges():
     edges = bench.bench_edges(["--images", "1", "--size", "48", "64", "--thresholds", "9", "--processes", "1"])
     assert [r["exact"] for r in edges] == [True, False]
     assert all(0 <= r["odsF"] <= 1 for r in edges)
+
+
+def test_presets_rows_tokens_from_the_model_and_projections(tmp_path):
+    rows = bench.bench_presets(["--presets", "nyud", "pascal", "--backbones", "tiny", "--exchanges", "kem",
+                                "--size", "32x48", "--repeats", "1", "--json", str(tmp_path / "p.json")])
+    assert [(r["preset"], r["backbone"], r["exchange"]) for r in rows] == [("nyud", "tiny", "kem"),
+                                                                           ("pascal", "tiny", "kem")]
+    for r in rows:
+        T = {"nyud": 4, "pascal": 5}[r["preset"]]
+        assert r["tokens"] == r["eval_tokens"] == T * (32 // 8) * (48 // 8)     # tiny backbone: stride 8
+        assert r["step_s"] > 0 and r["forward_s"] > 0 and r["edges_s"] > 0 and r["step_mb"] >= 0
+        assert r["load_before"] >= 0 and r["load_after"] >= 0
+        assert r["train_hours"] == pytest.approx(r["steps"] * r["step_s"] / 3600)
+        assert r["val_minutes"] == pytest.approx(r["val_images"] * (r["forward_s"] + r["edges_s"]) / 60)
+        assert r["steps"] == 40000 and r["val_images"] == {"nyud": 654, "pascal": 5105}[r["preset"]]
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["rows"] == rows and "load" in saved["machine"]
 
 
 def test_failed_measurement_raises_instead_of_hanging():

@@ -1,19 +1,24 @@
-"""The three notebooks run from top to bottom in a fresh kernel and compute what they say.
+"""The three notebooks run from top to bottom in a fresh kernel, compute what they say, and stay small.
 
 Each of notebooks/01_etf.ipynb, 02_kem.ipynb and 03_train.ipynb is executed the way a reader's
 Jupyter runs it: a new "python3" kernel (ipykernel on this very interpreter, whatever kernels the
-user's Jupyter knows about), working directory notebooks/, every cell in order. KEM_MTL_QUICK=1
-shortens every long step (training runs, random trials, timings), so the three take about 35 s on
-a 2-core CPU, kernel start-ups included. A cell that raises fails its test with the cell's traceback. Beyond "no error",
-each test reads back values the notebook printed and checks them against what the notebook claims:
+user's Jupyter knows about), working directory notebooks/, every cell in order. Their shared set-up
+(the repository on sys.path, seeds, small PNG figures, the QUICK flag) is notebooks/_setup.py.
+KEM_MTL_QUICK=1 shortens every long step (training runs, random trials, timings), so the three take
+one to two minutes on a 2-core CPU, kernel start-ups and two short train.py runs included. A cell that
+raises fails its test with the cell's traceback. Beyond "no error", each test reads back values the
+notebook printed and checks them against what the notebook claims:
   01_etf    the simplex-ETF properties hold to float32 rounding, and ETF slot queries overlap less
             in their top-k selections than random ones on isotropic tokens;
-  02_kem    the step-by-step Retrieve / Write / Broadcast equals KEM.forward, and at the largest
-            token count softmax leaks more mass to irrelevant tokens than top-k softmax;
+  02_kem    the step-by-step Retrieve / Write / Broadcast equals KEM.forward_literal (the equations as
+            written) and KEM.forward (reassociated), and at the largest token count softmax leaks more
+            mass to irrelevant tokens than top-k softmax;
   03_train  the in-notebook training run wrote finite losses to its metrics.jsonl, and the ablation
             section printed either the table or the command that makes it.
-Needs nbformat, nbclient and ipykernel (requirements-dev.txt); skipped without them, except under
-CI=true, where their absence is an error.
+And without running anything: the committed notebooks carry the outputs of a full run and together
+weigh less than 400 KB, so that they stay readable on a web page.
+Executing needs nbformat, nbclient and ipykernel (requirements-dev.txt); those tests are skipped
+without them, except under CI=true, where their absence is an error.
 
 The committed notebooks carry the outputs of a full run (no KEM_MTL_QUICK), so readers see the
 pictures. To regenerate them (it trains for several minutes):
@@ -31,21 +36,29 @@ from pathlib import Path
 import pytest
 
 WHY = "the notebook tests need nbformat, nbclient and ipykernel: pip install -r requirements-dev.txt"
-if os.environ.get("CI"):     # CI installs requirements-dev.txt: a missing package there is an error, not a skip
-    import ipykernel  # noqa: F401
-    import nbclient
-    import nbformat
-else:
-    nbformat = pytest.importorskip("nbformat", reason=WHY)
-    nbclient = pytest.importorskip("nbclient", reason=WHY)
-    pytest.importorskip("ipykernel", reason=WHY)
+
+
+def notebook_packages():
+    """nbformat and nbclient; skips the test without them (an error under CI, which installs them)."""
+    if os.environ.get("CI"):
+        import ipykernel  # noqa: F401
+        import nbclient
+        import nbformat
+    else:
+        nbformat = pytest.importorskip("nbformat", reason=WHY)
+        nbclient = pytest.importorskip("nbclient", reason=WHY)
+        pytest.importorskip("ipykernel", reason=WHY)
+    return nbformat, nbclient
+
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ("01_etf", "02_kem", "03_train")
+MAX_BYTES = 400_000      # the three committed notebooks together, outputs included
 
 
 def execute(name, *, quick):
     """Run notebooks/<name>.ipynb in a new kernel; returns (the notebook with outputs, the kernel's argv)."""
+    nbformat, nbclient = notebook_packages()
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
 
@@ -68,15 +81,19 @@ def execute(name, *, quick):
     return nb, km.kernel_spec.argv
 
 
+def outputs(nb):
+    """Every output of every code cell (works on a NotebookNode and on the plain JSON alike)."""
+    return [out for cell in nb["cells"] if cell["cell_type"] == "code" for out in cell["outputs"]]
+
+
 def printed(nb):
     """Everything the notebook's cells printed (stdout and stderr), as one string."""
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.outputs if out.output_type == "stream")
+    texts = [out.get("text", "") for out in outputs(nb) if out["output_type"] == "stream"]
+    return "".join(t if isinstance(t, str) else "".join(t) for t in texts)   # JSON may hold a list of lines
 
 
 def pictures(nb):
-    return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
-               for out in cell.outputs)
+    return sum("image/png" in out.get("data", {}) for out in outputs(nb))
 
 
 def run_quick(name):
@@ -103,8 +120,9 @@ def test_01_etf():
 def test_02_kem():
     nb = run_quick("02_kem")
     text = printed(nb)
-    diff = float(re.search(r"step by step vs KEM\.forward: max \|difference\| = (\S+)", text).group(1))
-    assert diff < 1e-5, f"the step-by-step equations differ from KEM.forward by {diff}"
+    for form in ("KEM.forward_literal", "KEM.forward"):
+        diff = float(re.search(rf"step by step vs {re.escape(form)}: max \|difference\| = (\S+)", text).group(1))
+        assert diff < 1e-5, f"the step-by-step equations differ from {form} by {diff}"
     leak = re.search(r"at N = ([\d,]+): softmax ([\d.]+), top-k softmax ([\d.]+)", text)
     assert float(leak.group(2)) > float(leak.group(3)), leak.group(0)
     assert pictures(nb) >= 5
@@ -114,7 +132,7 @@ def test_03_train():
     nb = run_quick("03_train")
     text = printed(nb)
     run_dir = Path(re.search(r"training run: (\S+)", text).group(1))
-    run_dir = run_dir if run_dir.is_absolute() else NOTEBOOKS / run_dir
+    run_dir = run_dir if run_dir.is_absolute() else NOTEBOOKS.parent / run_dir   # relative to the repository
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert losses and all(math.isfinite(v) for v in losses), losses
@@ -123,9 +141,26 @@ def test_03_train():
     assert pictures(nb) >= 3
 
 
+def test_committed_notebooks_are_small_and_full_length():
+    """Read on a web page, the notebooks must load quickly: under MAX_BYTES together, with the
+    pictures and printed outputs of a full run (a quick run's outputs must not be committed)."""
+    sizes = {name: (NOTEBOOKS / f"{name}.ipynb").stat().st_size for name in NAMES}
+    assert sum(sizes.values()) < MAX_BYTES, (
+        f"the committed notebooks weigh {sum(sizes.values()):,} bytes together ({sizes}), over {MAX_BYTES:,}: "
+        f"shrink figures (notebooks/_setup.py sets their size) or printed outputs")
+    for name in NAMES:
+        nb = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
+        assert pictures(nb) >= 3, f"{name}.ipynb is committed without its pictures"
+        assert "quick mode: False" in printed(nb), (
+            f"{name}.ipynb carries no full-run outputs (quick mode, or none); regenerate: "
+            f"python tests/test_notebooks.py {name}")
+
+
 if __name__ == "__main__":
+    nbformat, _ = notebook_packages()
     for name in sys.argv[1:] or NAMES:
         start = time.perf_counter()
         nb, _ = execute(name, quick=False)
         nbformat.write(nb, NOTEBOOKS / f"{name}.ipynb")
-        print(f"{name}: {time.perf_counter() - start:.0f} s, outputs written", flush=True)
+        print(f"{name}: {time.perf_counter() - start:.0f} s, outputs written; "
+              f"{(NOTEBOOKS / f'{name}.ipynb').stat().st_size:,} bytes", flush=True)

@@ -1,7 +1,14 @@
-"""The README's promises: CI runs exactly the test command the README shows, and every Python
-command it shows for this project parses its flags (the long runs themselves are not executed here)."""
+"""The README's promises: CI runs exactly the test command the README shows, every Python
+command it shows for this project parses its flags (the long runs themselves are not executed here),
+and every such command runs after the README's own install step: each third-party module its script
+can import (read statically with `ast`, following the project's modules, imports inside functions
+included) is provided by requirements.txt, and none of them is a development-only package. Scripts
+under tests/ are checked against requirements-dev.txt instead, the step the README shows before them."""
+import ast
+import functools
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +59,92 @@ def test_readme_bench_and_experiment_commands_exist():
     for script, name in shown:
         known = bench.BENCHES if script == "bench" else experiments.EXPERIMENTS
         assert name in known, f"README shows `python {script}.py {name}`; {script}.py has {sorted(known)}"
+
+
+# --- every README command runs after `pip install -r requirements.txt` ----------------------------
+
+DISTRIBUTION = {"PIL": "pillow"}    # import name -> the distribution providing it, where the two differ
+DEV_ONLY = {"pytest", "hypothesis", "nbformat", "nbclient", "ipykernel", "jupyter-client"}
+
+
+def _canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirements(path):
+    """The distributions a requirements file installs (canonical names), following `-r` includes."""
+    names = set()
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r"):
+            names |= requirements(Path(path).parent / line[2:].strip())
+        elif line:
+            names.add(_canonical(re.split(r"[<>=!~\[;\s]", line)[0]))
+    return names
+
+
+@functools.cache
+def third_party_imports(script):
+    """{top-level module: the file importing it} for every module `script` can import that is neither
+    the standard library nor one of the project's files (which are followed, transitively)."""
+    found, seen, todo = {}, set(), [Path(script)]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for top in (name.split(".")[0] for name in names):
+                local = [d / f"{top}.py" for d in (Path(script).parent, ROOT) if (d / f"{top}.py").is_file()]
+                if local:
+                    todo.append(local[0])
+                elif top not in sys.stdlib_module_names:
+                    found.setdefault(top, path.relative_to(ROOT).as_posix())
+    return found
+
+
+def readme_commands():
+    """(command, script) for every `python <script>.py ...` and `torchrun ... <script>.py` in the README."""
+    text = README.replace("\\\n", " ")                               # join continued lines
+    commands = re.finditer(r"\b(?:python3?|torchrun)\s+(?:-\S+\s+)*([\w./-]+\.py)\b[^`\n#]*", text)
+    return sorted({(" ".join(m.group(0).split()), m.group(1)) for m in commands})
+
+
+def missing_requirements(command, script, requirements_file):
+    """One line per module the command can import that `requirements_file` does not provide."""
+    provided = requirements(requirements_file)
+    problems = []
+    for module, importer in sorted(third_party_imports(ROOT / script).items()):
+        distribution = _canonical(DISTRIBUTION.get(module, module))
+        if distribution not in provided:
+            problems.append(f"`{command}` can import {module} (in {importer}), which "
+                            f"{Path(requirements_file).name} does not provide: add {distribution} to it")
+    return problems
+
+
+def test_the_readme_shows_the_commands_this_test_walks():
+    shown = {script for _, script in readme_commands()}
+    assert {"train.py", "synthetic.py", "bench.py", "experiments.py"} <= shown, shown
+    assert any(command.startswith("torchrun") for command, _ in readme_commands())
+
+
+@pytest.mark.parametrize("command, script", readme_commands(), ids=[c for c, _ in readme_commands()])
+def test_readme_commands_need_only_their_requirements(command, script):
+    dev = Path(script).parent.name == "tests"        # shown after `pip install -r requirements-dev.txt`
+    problems = missing_requirements(command, script, ROOT / ("requirements-dev.txt" if dev else "requirements.txt"))
+    if not dev:
+        problems += [f"`{command}` can import {module} (in {importer}), a development-only package: a README "
+                     f"command must run after `pip install -r requirements.txt` alone"
+                     for module, importer in sorted(third_party_imports(ROOT / script).items())
+                     if _canonical(DISTRIBUTION.get(module, module)) in DEV_ONLY]
+    assert not problems, "\n".join(problems)
+
+
+def test_runtime_requirements_hold_no_development_package():
+    assert not requirements(ROOT / "requirements.txt") & DEV_ONLY
