@@ -234,8 +234,8 @@ class Normalize(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Backbones: each returns (skip features at stride 4, deep features at `deep_stride`)
 
-def _conv_gn(c_in, c_out, stride=1, kernel=3):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
+def _conv_gn(c_in, c_out, stride=1, kernel=3, groups=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
                          nn.GroupNorm(min(8, c_out), c_out), nn.ReLU(inplace=True))
 
 
@@ -248,7 +248,7 @@ class TinyBackbone(nn.Module):
         self.stem = nn.Sequential(_conv_gn(3, 32, 2), _conv_gn(32, 48, 2), _conv_gn(48, 48))  # /4
         self.deep = nn.Sequential(_conv_gn(48, 96, 2), _conv_gn(96, 96),
                                   nn.Conv2d(96, 128, 3, 1, 2, dilation=2, bias=False),     # wider view
-                                  nn.GroupNorm(8, 128), nn.ReLU(inplace=True), _conv_gn(128, 128))  # /8
+                                  nn.GroupNorm(8, 128), nn.ReLU(inplace=True))             # /8
 
     def forward(self, x):
         skip = self.stem(x)                                             # (B, 48, H/4, W/4)
@@ -408,10 +408,13 @@ class MultiTaskNet(nn.Module):
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-        skip_dim = 32
+        # [OURS] sized for CPUs: a 16-channel skip and depthwise 3x3 encoders made the default synthetic
+        # run 23% faster per step than 32 channels and full 3x3 convolutions, with equal or better
+        # final metrics on all six tasks in one run each (README, "Results: the default synthetic run").
+        skip_dim = 16
         self.skip_proj = _conv_gn(self.backbone.skip_channels, skip_dim, kernel=1)
         self.encoders = nn.ModuleDict({t: nn.Sequential(_conv_gn(self.backbone.deep_channels, dim, kernel=1),
-                                                        _conv_gn(dim, dim)) for t in tasks})
+                                                        _conv_gn(dim, dim, groups=dim)) for t in tasks})
         self.task_embedding = nn.Parameter(torch.randn(len(tasks), dim) * 0.02)  # (T, D)
         if etf in ("features", "both"):
             self.token_map = ETFProjection(dim)                         # x -> normalize(x) E

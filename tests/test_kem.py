@@ -323,11 +323,13 @@ def test_kem_under_torch_compile_matches_eager():
 
 
 def test_multitasknet_fits_one_batch():
-    """Smoke test: a few dozen steps on one batch cut every task's loss substantially."""
+    """Smoke test: a few dozen steps on one batch cut every task's loss by more than half."""
     torch.manual_seed(0)
     net = MultiTaskNet({"semseg": 3, "depth": 1}, dim=16, num_slots=4)
-    images = torch.randn(2, 3, 16, 16, generator=gen(11))
-    seg = (images[:, 0] > 0).long()                      # learnable from the pixels themselves
+    # 4 x 4 blocks of one colour: the decoders predict at stride 4, so the targets are learnable
+    # from the pixels themselves at the resolution the network outputs.
+    images = F.interpolate(torch.randn(2, 3, 4, 4, generator=gen(11)), scale_factor=4, mode="nearest")
+    seg = (images[:, 0] > 0).long()
     depth = images[:, 1:2].abs()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
 
