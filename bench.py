@@ -492,7 +492,7 @@ BENCHES["data"] = bench_data
 def bench_presets(argv):
     """The field presets at protocol size: a training step, its memory, and evaluation per image.
 
-    For each preset (train.PRESETS: tasks, crop and eval sizes, dim, batch, Adam, max_iters), backbone
+    For each preset (train.PRESETS: dim, batch, Adam, max_iters; datasets: tasks, crop and eval sizes), backbone
     and exchange, each measured in a fresh process: seconds per training step (forward, a loss over
     every output, backward, Adam step) and its peak extra memory, the tokens the exchange sees (read
     from the model by a hook), and the projection for the preset's max_iters. Evaluation per image =
@@ -532,7 +532,8 @@ def bench_presets(argv):
     rows = []
     for name in args.presets:
         preset, tasks = PRESETS[name], tuple(datasets.TASKS[name].items())
-        train_hw, eval_hw = (args.size, args.size) if args.size else (preset["train_size"], preset["eval_size"])
+        sizes = datasets.DEFAULT_SIZES[name]
+        train_hw, eval_hw = (args.size, args.size) if args.size else (sizes["train"], sizes["eval"])
         val_images, steps = datasets.SPLIT_SIZES[name]["val"], preset["max_iters"]
         edges_s, _ = measure(("edges", *eval_hw, preset["edge_max_dist"]), args.repeats, args.device)
         for backbone in args.backbones:

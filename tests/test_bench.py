@@ -65,3 +65,12 @@ def test_each_benchmark_has_its_own_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["step", "--help"])
     assert exit_.value.code == 0 and "--sizes" in capsys.readouterr().out
+
+
+def test_presets_take_their_sizes_from_the_dataset_defaults():
+    """Without --size each preset runs at its protocol crop and eval size (tiny backbone: quick)."""
+    import datasets
+
+    (row,) = bench.bench_presets(["--presets", "nyud", "--backbones", "tiny", "--exchanges", "none", "--repeats", "1"])
+    assert row["train_size"] == list(datasets.DEFAULT_SIZES["nyud"]["train"])
+    assert row["eval_size"] == list(datasets.DEFAULT_SIZES["nyud"]["eval"])
