@@ -72,6 +72,7 @@ import torch
 
 import metrics
 import synthetic
+import train
 from kem_mtl import resolve_topk, topk_softmax
 
 ROOT = Path(__file__).resolve().parent
@@ -227,17 +228,6 @@ def make_record(run, run_dir, result, seconds):
     return rec
 
 
-def _strict(x):
-    """NaN / inf -> None, so every record parses anywhere."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict(v) for v in x]
-    return x
-
-
 def commit_record(path, message, repo=ROOT, attempts=8):
     """`git add` one record and commit only it; retry while another git process holds the index lock.
 
@@ -332,7 +322,7 @@ def perform(run, ctx):
         rec.update(run.after(run, out, ctx))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_strict(rec), indent=1, allow_nan=False))
+    tmp.write_text(json.dumps(train.strict_json(rec), indent=1, allow_nan=False))   # NaN -> null
     os.replace(tmp, path)
     if ctx.commit:
         with ctx.lock:
@@ -451,7 +441,6 @@ def _tasks(text):
 def _max_iters(value):
     if value is not None:
         return value
-    import train
     return train.PRESETS["synthetic"]["max_iters"]
 
 
@@ -749,7 +738,6 @@ def selection_diagnostics(ckpt_path, max_images=None):
     of one task only, 1/T = evenly mixed). jaccard_chance: the expected overlap of independent random
     k-sets, p / (2 - p) with p = k / N.
     """
-    import train
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = {**ckpt["config"], "pretrained": False}
@@ -785,7 +773,6 @@ def selection_diagnostics(ckpt_path, max_images=None):
 
 
 def _val_images(cfg, max_images=None):
-    import train
 
     data = train.build_data(cfg, "val", train=False)
     if max_images is not None:
@@ -909,7 +896,6 @@ LEAK_KS = {"N/64": 1 / 64, "N/16": 1 / 16, "N/4": 0.25, "N": 1.0, "16": 16}   # 
 @torch.no_grad()
 def default_token_count():
     """N = T h w at the exchange of the default `python train.py` run, counted on one blank image."""
-    import train
 
     cfg = train.resolve_config(*train.parse_args([]))
     model = train.build_model(cfg).eval()
@@ -1080,7 +1066,6 @@ def _distract(argv):
     p.add_argument("--kind", choices=KINDS, default="other")
     p.add_argument("--ratio", type=float, required=True, help="distractor tokens per real token")
     args = p.parse_args(own)
-    import train
 
     class Distracted(train.MultiTaskNet):
         def __init__(self, *a, **kw):
@@ -1133,7 +1118,6 @@ def distractor_probe(ckpt_path, kind, per_image=32, max_images=None, seed=0):
     "token" sees the token alone (the issue's probe); "context" also sees x * m, m = the mean of that
     image's real tokens (a similarity to the image, a statistic an attention layer can compute).
     """
-    import train
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = {**ckpt["config"], "pretrained": False}

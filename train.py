@@ -8,10 +8,11 @@
     python train.py --resume runs/<run>               # continue an interrupted run exactly
     python train.py --eval-only --ckpt runs/<run>/best.pt       # evaluate a checkpoint
 
-How to read this file: `main()` at the bottom is the story of a run (configuration, processes,
-inputs, data, model, optimiser, the loop, the final evaluation); every step it takes is a small
-function above it, in the order main() calls them. TASKS below is the one table that says, per
-task, how it is trained, scored and drawn.
+How to read this file: `run()` at the bottom is the story of a run (processes, inputs, model,
+optimiser, resume, data, the loop, the results); `main()` above it turns the command line into a
+configuration and starts run() here or in our own processes. Every step run() takes is a small
+function further up, in the order it calls them. TASKS is the one table that says, per task, how
+it is trained, scored and drawn.
 
 Presets per dataset fill every default (PRESETS); any flag overrides its preset. A plain
 `python train.py` never needs a launcher. On a CPU with several cores it splits each batch over
