@@ -42,8 +42,9 @@ imbalanced. [OURS] How we read that, and what this file provides for it:
   (ETFProjection below). Each output coordinate is the cosine between the token and one of K
   maximally separated directions, so no direction of feature space is favoured by the frame itself.
 - slots: the memory slots of KEM are fixed ETF vectors (kem_mtl.KEM(slots="etf") calls
-  simplex_etf), so the L retrieval queries start maximally and equally separated and tend to
-  select different tokens instead of all chasing the dominant ones.
+  simplex_etf), so the slots themselves are maximally and equally separated. The intent is that
+  they select different tokens instead of all chasing the dominant ones; whether they do is
+  measured, not assumed (experiments.py ablation: overlap of the slots' top-k sets).
 In the neural-collapse literature the frame is fixed, not learned; so here it is a buffer.
 
 Notes:

@@ -443,7 +443,7 @@ class MultiTaskNet(nn.Module):
         pad_h, pad_w = (-H) % m, (-W) % m                               # pad so every stride divides
         x = nnf.pad(images, (0, pad_w, 0, pad_h))                       # (B, 3, H', W')
         skip, deep = self.backbone(x)                                   # (B, C_s, H'/4, W'/4), (B, C_d, h, w)
-        skip = self.skip_proj(skip)                                     # (B, 32, H'/4, W'/4)
+        skip = self.skip_proj(skip)                                     # (B, 16, H'/4, W'/4)
         h, w = deep.shape[-2:]
         tokens = [self.encoders[t](deep).flatten(2).transpose(1, 2) + self.task_embedding[i]
                   for i, t in enumerate(self.tasks)]                    # T x (B, h*w, D)
