@@ -97,6 +97,10 @@ class UsageError(Exception):
     """Bad input (flags, data, weights, checkpoints): printed as one paragraph, no traceback."""
 
 
+class RunStopped(Exception):
+    """The run stopped on its own (a training process failed): printed as one paragraph, exit code 1."""
+
+
 # --- the task table ---------------------------------------------------------------------------
 # Everything train.py knows about a task, in one row: adding a task means adding a row.
 
@@ -450,14 +454,15 @@ def spawn_local_procs(cfg, ckpt_path, n):
             c.join()
         raise
     for c in children:                                   # one failed: the others would wait for it forever
-        c.terminate() if c.exitcode is None else None
+        if c.exitcode is None:
+            c.terminate()
         c.join()
     if not errors.empty():
         kind, message = errors.get()
-        raise (UsageError if kind == "usage" else FloatingPointError)(message)
+        raise (UsageError if kind == "usage" else RunStopped)(message)
     failed = [c.exitcode for c in children if c.exitcode]
     if failed:
-        raise FloatingPointError(f"a training process stopped with exit code {failed[0]} (see its output above)")
+        raise RunStopped(f"a training process stopped with exit code {failed[0]} (see its output above)")
 
 
 def _local_proc(cfg, ckpt_path, rank, world, port, threads, errors):
@@ -1064,10 +1069,10 @@ def cli(argv=None):
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"   # one line, no source
     try:
         main(argv)
-    except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError) as error:
+    except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError, RunStopped) as error:
         if not quiet:
             print(f"error: {error}", file=sys.stderr)
-        return 1 if isinstance(error, FloatingPointError) else 2
+        return 1 if isinstance(error, (FloatingPointError, RunStopped)) else 2
     except KeyboardInterrupt:
         if not quiet:
             print("interrupted; continue with --resume <out-dir> (the last checkpoint is intact)", file=sys.stderr)

@@ -238,3 +238,22 @@ def test_the_command_line_exits_without_a_traceback(tmp_path):
     proc = run(["--tasks", "nothing", "--out-dir", str(tmp_path / "x")], check=False)
     assert proc.returncode == 2 and "error: unknown task(s) nothing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="our own processes inherit the patch only when forked")
+def test_a_failure_in_one_of_our_own_processes_is_reported_once(tmp_path, monkeypatch, capsys):
+    """--procs 2: the processes stop together and the parent prints the first error, exit code 1."""
+    original = train.compute_losses
+
+    def poisoned(outputs, batch, tasks):
+        losses = original(outputs, batch, tasks)
+        losses["depth"] = losses["depth"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train, "compute_losses", poisoned)
+    out = tmp_path / "nan2"
+    code = train.cli([a for a in TINY if a not in ("--procs", "1")] + ["--procs", "2", "--max-iters", "4",
+                                                                        "--eval-interval", "2", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("error: ") == 1 and "depth" in err and "loss became nan" in err, err
+    assert not (out / "ckpt.pt").exists()
