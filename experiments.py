@@ -8,10 +8,10 @@
     python experiments.py <name> --tables-only  # rebuild the tables from the records alone
     python experiments.py <name> --help         # the knobs of each
 
-How long, on 2 cores with --jobs 2 (two one-thread runs side by side), as --dry-run estimates it
-before any record exists (priors, see PRIOR_S_PER_STEP; measured times: to be filled in): ablation
-about 6.6 h (85 runs of 1,500 steps); distractors about 2.4 h after it (15 runs trained with
-distractors, 120 evaluations); leak about a minute. --dry-run re-estimates from the records' own times.
+How long, on 2 cores with --jobs 2 (two one-thread runs side by side): a kem run of 1,500 steps took
+296 s (46 images/s) on the project's 2-core machine with nothing else running, so the ablation's 85
+runs take about 3.5 h and the distractors about 1-1.5 h after it; leak about a minute. --dry-run
+re-estimates from the records' own wall times (records marked with a "note" include pauses).
 
 Records [OURS]. Every finished run leaves one small JSON file, results/runs/<experiment>/<config>/
 seed<k>.json: its flags, every task's full metric dict, speed, wall time, the eval history (for
@@ -83,11 +83,11 @@ SEEDS = [0, 1, 2, 3, 4]
 EVAL_INTERVAL = 250                 # evaluations per run give the learning curve
 KINDS = ("other", "gaussian")       # distractor kinds, see Distractors
 
-# Prior seconds per training step of one run on one thread, for the --dry-run estimate until records
-# exist: the previous ablation's medians (results/ablation.json at commit e16d300: 1,000 steps on
-# 2 threads, one run at a time, one evaluation) doubled for one thread. A guess, replaced by the
-# records' own wall times as soon as there are some.
-PRIOR_S_PER_STEP = {"single-task": 0.19, "none": 0.47, "cross": 0.59, "kem": 0.46}
+# Prior seconds per training step of one run on one thread beside another, for the --dry-run estimate
+# until records exist: kem measured (296 s / 1,500 steps on the 2-core machine, nothing else running);
+# the others scaled from bench.py step's one-process ratios (none ~ kem, cross ~1.9x, one task ~0.5x).
+# Replaced by the records' own wall times as soon as there are some.
+PRIOR_S_PER_STEP = {"single-task": 0.10, "none": 0.19, "cross": 0.37, "kem": 0.20}
 PRIOR_EVAL_S = 40                   # one --eval-only run on the 200 val images (a guess)
 
 
@@ -366,8 +366,8 @@ def execute(plan, ctx):
 
 def estimate_seconds(run, records):
     """Seconds one run should take: the median of recorded runs of its row, else of its group, else the prior."""
-    def median(recs):
-        times = [r.get("runner_wall_s") or r.get("wall_time_s") for r in recs]
+    def median(recs):              # records with a "note" were slowed by pauses or other work: not used
+        times = [r.get("runner_wall_s") or r.get("wall_time_s") for r in recs if "note" not in r]
         times = [t for t in times if t]
         return float(np.median(times)) if times else None
 
