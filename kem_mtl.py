@@ -265,11 +265,7 @@ class TorchvisionBackbone(nn.Module):
 
     def __init__(self, name, pretrained):
         super().__init__()
-        try:
-            import torchvision
-        except ImportError as error:
-            raise ImportError(f"backbone {name!r} needs torchvision (pip install torchvision); "
-                              f"backbone='tiny' works without it") from error
+        torchvision = _torchvision(name)
         weights = fetch_pretrained_weights(name) if pretrained else None
         kwargs = {}
         if name.startswith("resnet") and pretrained:
@@ -298,6 +294,16 @@ class TorchvisionBackbone(nn.Module):
         return s4, torch.cat([s16, s32], dim=1)                         # (B, C_skip, H/4, W/4), (B, C_deep, H/16, W/16)
 
 
+def _torchvision(name):
+    """torchvision, imported only when backbone `name` needs it, with a clear message when missing."""
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError(f"backbone {name!r} needs torchvision (pip install torchvision); "
+                          f"backbone='tiny' works without it") from error
+    return torchvision
+
+
 class WeightsUnavailable(RuntimeError):
     """The ImageNet weights of a torchvision backbone are not on disk and could not be fetched."""
 
@@ -308,12 +314,7 @@ def fetch_pretrained_weights(name, download=True):
     A file already in <torch hub dir>/checkpoints/ is used as is; otherwise it is downloaded once
     (download=False: not even tried). Raises WeightsUnavailable saying where the file must go.
     """
-    try:
-        import torchvision
-    except ImportError as error:
-        raise ImportError(f"backbone {name!r} needs torchvision (pip install torchvision); "
-                          f"backbone='tiny' works without it") from error
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    weights = _torchvision(name).models.get_model_weights(name).DEFAULT
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     if os.path.isfile(os.path.join(folder, os.path.basename(weights.url))):
         return weights
