@@ -681,6 +681,12 @@ def build_model(cfg):
                         freeze_backbone=cfg.get("freeze_backbone", False))
 
 
+def data_parallel(model, device):
+    """The model for one of several processes: DDP averages its gradients over them during backward
+    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out)."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
 def lr_factor(it, warmup, max_iters, power):
     """Linear warm-up from 1/warmup to 1, then polynomial decay to 0 at max_iters."""
     if it < warmup:
@@ -1007,9 +1013,7 @@ def run(cfg, ckpt_path, split_batch=1, inputs_checked=False, data=None):
     if cfg["compile"]:
         model = torch.compile(model)
     if procs.distributed:
-        # gradient_as_bucket_view: the gradients live in the all-reduce buckets (no copy in and out)
-        model = DDP(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+        model = data_parallel(model, procs.device)
     eval_model = model.module if procs.distributed else model
 
     # -- data: this process's share of every batch
