@@ -57,6 +57,8 @@ def _make_step(spec, device):
         import train
 
         model = MultiTaskNet(dict(tasks), exchange=exchange, dim=dim).to(device)
+        if torch.distributed.is_initialized():       # one of --procs processes: gradients averaged as train.py does
+            model = train.data_parallel(model, torch.device(device))
         preset = train.PRESETS["synthetic"]
         opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], weight_decay=preset["weight_decay"])
         images = torch.randn(B, 3, H, W, device=device)
@@ -69,6 +71,7 @@ def _make_step(spec, device):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), preset["grad_clip"])
             opt.step()
+        step.info = {"processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
         return step
     _, N, D, B, L, k = spec  # one module, forward + backward on (B, N, D) tokens
     module = {"kem": lambda: KEM(D, L, k), "cross": lambda: CrossTaskAttention(D), "etf": lambda: ETFProjection(D),
@@ -129,8 +132,9 @@ def _make_preset_step(spec, device):
     return step
 
 
-def _time_and_memory(spec, repeats, device, queue, threads=None):
-    """Runs in a fresh process: seconds per step and the peak extra memory (MB)."""
+def _time_and_memory(spec, repeats, device, queue, threads=None, group=None):
+    """Runs in a fresh process: seconds per step and the peak extra memory (MB). group: (rank, world,
+    port) of a gloo group to join first, for a step that averages its gradients over processes."""
     import resource
     import time
 
@@ -138,6 +142,10 @@ def _time_and_memory(spec, repeats, device, queue, threads=None):
 
     if threads:
         torch.set_num_threads(threads)
+    if group:
+        rank, world, port = group
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world)
     step = _make_step(spec, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -158,6 +166,8 @@ def _time_and_memory(spec, repeats, device, queue, threads=None):
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     queue.put((seconds, max(extra, 0) / 2**20, getattr(step, "info", {})))
+    if group:
+        torch.distributed.destroy_process_group()
 
 
 def measure(spec, repeats=3, device="cpu", info=False, procs=1):
@@ -165,16 +175,23 @@ def measure(spec, repeats=3, device="cpu", info=False, procs=1):
     belongs to this measurement alone; info=True adds what the step recorded (a dict, e.g. tokens).
 
     procs > 1: that many processes run the spec side by side, each with cores / procs threads, as
-    train.py --procs does (without its gradient all-reduce); the seconds are their slowest, the memory
-    their sum."""
+    train.py --procs does; a training step ("step") averages its gradients over them as train.py's
+    does (DDP over gloo). The seconds are their slowest, the memory their sum."""
     import multiprocessing as mp
     import queue as queue_module
+    import socket
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // procs) if procs > 1 else None
-    children = [ctx.Process(target=_time_and_memory, args=(spec, repeats, device, queue, threads))
-                for _ in range(procs)]
+    port = None
+    if procs > 1 and spec[0] == "step":
+        with socket.socket() as s:                      # a free port for the processes to meet on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    children = [ctx.Process(target=_time_and_memory, args=(spec, repeats, device, queue, threads,
+                                                           (rank, procs, port) if port else None))
+                for rank in range(procs)]
     for child in children:
         child.start()
     results = []
@@ -270,7 +287,8 @@ def bench_step(argv):
     parser.add_argument("--dim", type=int, default=64, help="token width (the synthetic preset's)")
     parser.add_argument("--exchanges", nargs="+", default=["none", "kem", "cross"])
     parser.add_argument("--procs", type=int, nargs="+", default=[1],
-                        help="processes sharing the batch, as train.py --procs (1 = one process, every core)")
+                        help="processes sharing the batch, as train.py --procs: one thread each, gradients "
+                             "all-reduced (DDP over gloo); 1 = one process, every core")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -279,7 +297,8 @@ def bench_step(argv):
 
     tasks = tuple(TASKS.items())
     print(f"# MultiTaskNet, tiny backbone, {len(tasks)} tasks, batch {args.batch}, dim {args.dim}; forward, "
-          f"train.py's losses, backward, clipping and AdamW; mean of {args.repeats} after one warm-up")
+          f"train.py's losses, backward (with --procs > 1 its gradient all-reduce), clipping and AdamW; mean of "
+          f"{args.repeats} after one warm-up")
     print("| image | tokens N | exchange | processes | ms / step | images / s | peak extra MB |")
     print("|---|---:|---|---:|---:|---:|---:|")
     rows = []

@@ -841,7 +841,7 @@ DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}
 
 
 def build_dataset(name: str, split: str, *, root=None, train=None, size=None, tasks=None,
-                  download=True, num_samples=None, seed=0, cache=False) -> Dataset:
+                  download=True, num_samples=None, seed=0, cache=False, render_procs=1) -> Dataset:
     """A ready dataset for train.py.
 
     Args:
@@ -856,6 +856,7 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
             keep only the first num_samples ids (quick runs).
         seed: synthetic scene seed.
         cache: synthetic: render every scene once, up front, and keep it in memory.
+        render_procs: synthetic with cache: render in this many forked processes.
     """
     _check_name(name)
     if split not in ("train", "val"):
@@ -871,7 +872,7 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
     if name == "synthetic":
         from synthetic import SyntheticRooms  # only the offline dataset needs synthetic.py
         return SyntheticRooms(split, num_samples or DEFAULT_NUM_SAMPLES[split], size=size, seed=seed,
-                              tasks=list(tasks), transform=transform, cache=cache)
+                              tasks=list(tasks), transform=transform, cache=cache, render_procs=render_procs)
     path = prepare_dataset(name, root, download_ok=download)
     ds = _DATASET_CLASSES[name](path, split, transform=transform, tasks=tasks)
     return ds if num_samples is None else Subset(ds, range(min(num_samples, len(ds))))

@@ -774,7 +774,7 @@ def selection_diagnostics(ckpt_path, max_images=None):
 
 def _val_images(cfg, max_images=None):
 
-    data = train.build_data(cfg, "val", train=False)
+    data = train.build_data(cfg, "val")
     if max_images is not None:
         data = torch.utils.data.Subset(data, range(min(max_images, len(data))))
     loader = torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"], collate_fn=train.collate)

@@ -439,10 +439,14 @@ def spawn_local_procs(cfg, ckpt_path, n):
         port = s.getsockname()[1]
     # fork where it is safe (Linux, CPU only: nothing in this process has run a tensor op or touched a
     # GPU yet) saves every child the 3-4 s of importing torch again; spawn elsewhere.
-    ctx = mp.get_context("fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn")
+    fork = sys.platform == "linux" and not torch.cuda.is_initialized()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    # Forked children share the parent's memory: render the synthetic scenes once, here, with every
+    # core, instead of once in every child (n times the work). Spawned children build their own.
+    data = build_all_data(cfg, render_procs=n) if fork and cfg["dataset"] == "synthetic" else None
     errors = ctx.SimpleQueue()
     threads = max(1, (os.cpu_count() or 1) // n)
-    children = [ctx.Process(target=_local_proc, args=(cfg, ckpt_path, rank, n, port, threads, errors))
+    children = [ctx.Process(target=_local_proc, args=(cfg, ckpt_path, rank, n, port, threads, errors, data))
                 for rank in range(n)]
     for child in children:
         child.start()
@@ -465,7 +469,7 @@ def spawn_local_procs(cfg, ckpt_path, n):
         raise RunStopped(f"a training process stopped with exit code {failed[0]} (see its output above)")
 
 
-def _local_proc(cfg, ckpt_path, rank, world, port, threads, errors):
+def _local_proc(cfg, ckpt_path, rank, world, port, threads, errors, data):
     """One of spawn_local_procs' processes: joins the group through the environment, like torchrun's."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -478,7 +482,7 @@ def _local_proc(cfg, ckpt_path, rank, world, port, threads, errors):
         os._exit(1)
     threading.Thread(target=orphan_watch, daemon=True).start()
     try:
-        run(cfg, ckpt_path, split_batch=world, inputs_checked=True)
+        run(cfg, ckpt_path, split_batch=world, inputs_checked=True, data=data)
     except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError) as error:
         run_error = isinstance(error, FloatingPointError)
         errors.put(("run" if run_error else "usage", str(error)))
@@ -613,13 +617,21 @@ class SeededSamples(torch.utils.data.Dataset):
             cpu_rng.set_state(state[0]), np.random.set_state(state[1]), random.setstate(state[2])
 
 
-def build_data(cfg, split, train):
-    """The dataset of `split`; SyntheticRooms renders every scene once and keeps it (~0.25 MB each)."""
-    num = cfg["train_samples"] if split == "train" else cfg["val_samples"]
+def build_data(cfg, split, render_procs=1):
+    """The dataset of `split` (train transforms for "train"); SyntheticRooms renders every scene once
+    and keeps it (~0.25 MB each)."""
+    train = split == "train"
+    num = cfg["train_samples"] if train else cfg["val_samples"]
     return datasets.build_dataset(cfg["dataset"], split, root=cfg["data_dir"], train=train, tasks=cfg["tasks"],
                                   seed=cfg["data_seed"], download=False, num_samples=num,
                                   size=tuple(cfg["train_size"] if train else cfg["eval_size"]),
-                                  cache=cfg["dataset"] == "synthetic")
+                                  cache=cfg["dataset"] == "synthetic", render_procs=render_procs)
+
+
+def build_all_data(cfg, render_procs=1):
+    """{split: dataset} for every split the run reads (val, and train unless --eval-only)."""
+    splits = ["val"] if cfg["eval_only"] else ["val", "train"]
+    return {split: build_data(cfg, split, render_procs) for split in splits}
 
 
 def collate(samples):
@@ -637,17 +649,19 @@ def loader_workers(cfg, procs):
     return 0 if procs.device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) // procs.world - 1))
 
 
-def make_loaders(cfg, procs, batch_size, start_iter):
+def make_loaders(cfg, procs, batch_size, start_iter, data=None):
     """(val loader: this process's share of the val split; train batches: an endless iterator, or None
-    for --eval-only). The train stream starts where iteration start_iter left it."""
+    for --eval-only). The train stream starts where iteration start_iter left it. data: the datasets,
+    if the parent process built them (build_all_data)."""
     workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
-    val_set = build_data(cfg, "val", train=False)
+    data = data or build_all_data(cfg)
+    val_set = data["val"]
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_set, range(procs.rank, len(val_set), procs.world)), batch_size=batch_size,
         num_workers=workers, collate_fn=collate, pin_memory=pin)
     if cfg["eval_only"]:
         return val_loader, None, len(val_set), 0
-    train_set = build_data(cfg, "train", train=True)
+    train_set = data["train"]
     step_images = batch_size * cfg["accum"] * procs.world
     sampler = StreamSampler(len(train_set), cfg["seed"], start_iter * step_images, procs.rank, procs.world)
     train_loader = torch.utils.data.DataLoader(
@@ -665,6 +679,12 @@ def build_model(cfg):
                         pretrained=cfg["pretrained"], exchange=cfg["exchange"], etf=cfg["etf"], dim=cfg["dim"],
                         num_slots=cfg["num_slots"], topk=cfg["topk"], topk_mode=cfg.get("topk_mode", "mask"),
                         freeze_backbone=cfg.get("freeze_backbone", False))
+
+
+def data_parallel(model, device):
+    """The model for one of several processes: DDP averages its gradients over them during backward
+    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out)."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 def lr_factor(it, warmup, max_iters, power):
@@ -960,9 +980,10 @@ def main(argv=None):
     spawn_local_procs(cfg, ckpt_path, n)                # each runs run(cfg) on its share of every batch
 
 
-def run(cfg, ckpt_path, split_batch=1, inputs_checked=False):
+def run(cfg, ckpt_path, split_batch=1, inputs_checked=False, data=None):
     """The story of a run: processes, inputs, model, optimiser, resume, data, the loop, the results.
-    split_batch: how many of our own processes share cfg["batch_size"] (spawn_local_procs)."""
+    split_batch: how many of our own processes share cfg["batch_size"] (spawn_local_procs);
+    data: {split: dataset} when the parent built them (build_all_data), else built here."""
     start_time = time.time()
     procs = setup_processes(cfg)
     log = print if procs.master else (lambda *a, **k: None)
@@ -984,12 +1005,12 @@ def run(cfg, ckpt_path, split_batch=1, inputs_checked=False):
     if cfg["compile"]:
         model = torch.compile(model)
     if procs.distributed:
-        model = DDP(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+        model = data_parallel(model, procs.device)
     eval_model = model.module if procs.distributed else model
 
     # -- data: this process's share of every batch
     batch_size = cfg["batch_size"] // split_batch
-    val_loader, batches, num_val, num_train = make_loaders(cfg, procs, batch_size, start_iter)
+    val_loader, batches, num_val, num_train = make_loaders(cfg, procs, batch_size, start_iter, data)
     out_dir = cfg["out_dir"]
     if procs.master:
         os.makedirs(out_dir, exist_ok=True)

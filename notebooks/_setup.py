@@ -88,18 +88,13 @@ def describe():
 
 def load_model(ckpt_path):
     """(MultiTaskNet in eval mode, the run's config, the checkpoint's iteration) from a train.py
-    checkpoint. Options an older checkpoint does not record keep MultiTaskNet's defaults."""
-    import datasets
-    from kem_mtl import MultiTaskNet
+    checkpoint, read, built and loaded by train.py's own functions (the same checks and messages)."""
+    import train
 
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    cfg = state["config"]
-    channels = datasets.task_channels(cfg.get("dataset", "synthetic"))
-    options = {k: cfg[k] for k in ("backbone", "exchange", "etf", "dim", "num_slots", "topk", "topk_mode",
-                                   "freeze_backbone") if k in cfg}
-    model = MultiTaskNet({t: channels[t] for t in cfg["tasks"]}, **options)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, state["iteration"]
+    ckpt = train.load_checkpoint(ckpt_path)[0]
+    model = train.build_model(ckpt["config"])
+    train.load_weights(model, ckpt, ckpt_path)
+    return model.eval(), ckpt["config"], ckpt["iteration"]
 
 
 def run_train(flags, log_path, *, show=4):

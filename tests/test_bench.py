@@ -31,6 +31,16 @@ def test_step_and_etf(tmp_path):
     assert etf[0]["tokens"] == 64 and etf[0]["etf_ms"] > 0
 
 
+def test_step_over_two_processes_averages_gradients_as_train_does():
+    """--procs 2: two processes in one gloo group, each step's gradients all-reduced by DDP."""
+    (row,) = bench.bench_step(["--sizes", "32x48", "--batch", "2", "--dim", "16", "--exchanges", "kem",
+                               "--procs", "2", "--repeats", "1"])
+    assert row["procs"] == 2 and row["ms"] > 0
+    seconds, _, info = bench.measure(("step", "kem", 32, 48, 1, 16, (("semseg", 3), ("depth", 1))), repeats=1,
+                                     info=True, procs=2)
+    assert info == {"processes": 2}
+
+
 def test_data_and_edges():
     data = bench.bench_data(["--samples", "2", "--sizes", "32x48"])
     assert len(data) == 1 and data[0]["size"] == (32, 48) and data[0]["samples_per_s"] > 0

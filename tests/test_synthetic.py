@@ -144,6 +144,7 @@ def test_tasks_subset_transform_and_indexing():
     (dict(tasks=[]), r"tasks must be a non-empty list of names from .*got \[\]"),
     (dict(transform="flip"), r"transform must be callable or None, got str"),
     (dict(cache="yes"), r"cache must be True or False, got 'yes'"),
+    (dict(cache=True, render_procs=0), r"render_procs must be an int >= 1, got 0"),
 ])
 def test_documented_errors(kwargs, message):
     args = dict(split="train", num_samples=2, size=(16, 16))
@@ -297,6 +298,15 @@ def test_identical_in_a_dataloader_worker_and_from_the_cache():
         for key in TASKS.keys() | {"image"}:
             assert torch.equal(s[key], direct[key]), (i, key)
             assert torch.equal(from_cache[key], direct[key]) and from_cache[key].dtype == direct[key].dtype, (i, key)
+
+
+def test_a_cache_rendered_by_several_processes_is_the_same():
+    one = SyntheticRooms("val", 7, size=(16, 24), tasks=["semseg", "depth", "edge"], cache=True)
+    three = SyntheticRooms("val", 7, size=(16, 24), tasks=["semseg", "depth", "edge"], cache=True, render_procs=3)
+    assert len(three._cache) == 7
+    for i in range(7):
+        for key in ("image", "semseg", "depth", "edge"):
+            assert torch.equal(one[i][key], three[i][key]) and one[i][key].dtype == three[i][key].dtype, (i, key)
 
 
 def test_scene_is_the_same_at_every_size():
