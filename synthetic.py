@@ -881,9 +881,7 @@ class SyntheticRooms(torch.utils.data.Dataset):
             raise ValueError(f"render_procs must be an int >= 1, got {render_procs!r}")
         self.split, self.num_samples, self.size = split, int(num_samples), (H, W)
         self.seed, self.tasks, self.transform = int(seed), tasks, transform
-        self._cache = None
-        if cache:
-            self._cache = self._render_all(render_procs)
+        self._cache = self._render_all(render_procs) if cache else None
 
     def _render_all(self, procs):
         """Every sample in compact form, rendered here or by `procs` forked processes."""
