@@ -479,6 +479,16 @@ COMPARISONS = [  # (row a, row b, what Δm_a - Δm_b, paired by seed, tests)
     ("kem k=N/16", "kem", "k = N/16 vs the default k = N/4"),
     ("kem k=N", "kem", "k = N (slots, no selection) vs k = N/4"),
 ]
+# Selection diagnostics compared paired by seed, only between rows with the same k (the overlap of random
+# k-sets, and so what a Jaccard means, depends on k / N).
+SELECTION_COMPARISONS = [
+    ("kem+etf slots", "kem", "ETF slots vs learned slots [PAPER: the ETF stabilises the selection]"),
+    ("kem+etf both", "kem", "ETF features and slots vs KEM"),
+    ("kem+etf features", "kem", "ETF features vs KEM"),
+    ("kem+etf features", "kem+normalize", "ETF frame vs L2 normalisation alone"),
+    ("kem post", "kem", "top-k after softmax vs masking before it"),
+]
+SELECTION_MEASURES = {"jaccard": "slot overlap (Jaccard)", "max_task_share": "largest task share"}
 
 
 def ablation_rows(tasks, single_task_kem=False):
@@ -813,16 +823,28 @@ def selection_report(records, results):
                      f"{r['jaccard_chance']:.3f} | {_ci(r['max_task_share'], 3, '')} | "
                      f"{_ci(r['max_task_weight'], 3, '')} |")
     T = len(rows[0]["tasks"])
-    (Path(results) / "selection.json").write_text(json.dumps({"rows": rows}, indent=1))
+    pairs = []
+    for a, b, what in SELECTION_COMPARISONS:
+        if a in by_row and b in by_row:
+            for m in SELECTION_MEASURES:
+                pairs.append({"a": a, "b": b, "tests": what, "measure": m,
+                              **paired(*({s: v[m] for s, v in by_row[c].items()} for c in (a, b)))})
+    pair_lines = ["| comparison | measure | difference per seed | mean [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for c in pairs:
+        pair_lines.append(f"| {c['tests']}: {c['a']} − {c['b']} | {SELECTION_MEASURES[c['measure']]} | "
+                          + ", ".join(f"{d:+.3f}" for d in c["differences"]) + f" | {_ci(c, 3)} | {_verdict(c)} |")
+    (Path(results) / "selection.json").write_text(json.dumps({"rows": rows, "paired": pairs}, indent=1))
     (Path(results) / "selection.md").write_text(
         "Which tokens KEM's slots select on the val set, per trained model (mean and 95% t-interval over seeds). "
         "Slot overlap: mean pairwise Jaccard of the slots' top-k index sets per image (1 = all slots take the "
         "same tokens; 'chance' = independent random k-sets). Largest task share: mean over images and slots of "
         f"the largest fraction of a slot's selected tokens that comes from one task (1 = one task per slot, 1/T = "
         f"{1 / T:.3f} = evenly mixed); task weight: the same for attention mass (it differs when k = N). "
-        "Regenerate: `python experiments.py ablation --tables-only`\n\n" + "\n".join(lines) + "\n")
+        "Regenerate: `python experiments.py ablation --tables-only`\n\n" + "\n".join(lines)
+        + ("\n\nPaired by seed (a − b; rows with the same k only):\n\n" + "\n".join(pair_lines) if pairs else "")
+        + "\n")
     plot_selection(rows, Path(results) / "selection.png")
-    return rows
+    return {"rows": rows, "paired": pairs}
 
 
 def plot_selection(rows, path):

@@ -154,6 +154,24 @@ def test_jaccard_and_task_share_on_hand_made_attention():
         experiments.selection_stats(A, num_tasks=3)
 
 
+
+def test_selection_is_compared_paired_by_seed_between_rows_of_the_same_k(tmp_path):
+    """ETF slots minus learned slots, per seed, for each measure; the k sweep is not compared (other chance)."""
+    def sel(jaccard, share, k=4):
+        return {"selection": {"k": k, "N": 16, "share": [[0.5, 0.5]] * 2, "tasks": ["depth", "sal"], "jaccard": jaccard,
+                              "jaccard_chance": 0.1, "max_task_share": share, "max_task_weight": share}}
+    records = {("kem", 0): sel(0.8, 0.6), ("kem", 1): sel(0.6, 0.7), ("kem", 2): sel(0.7, 0.5),
+               ("kem+etf slots", 0): sel(0.3, 0.5), ("kem+etf slots", 1): sel(0.4, 0.6),
+               ("kem k=N", 0): sel(1.0, 0.5, k=16), ("none", 0): {"selection": None}}
+    out = experiments.selection_report(records, tmp_path)
+    assert [r["config"] for r in out["rows"]] == ["kem", "kem k=N", "kem+etf slots"]
+    by_measure = {c["measure"]: c for c in out["paired"]}
+    assert set(by_measure) == {"jaccard", "max_task_share"} and all(c["a"] == "kem+etf slots" for c in out["paired"])
+    assert by_measure["jaccard"]["seeds"] == [0, 1]
+    assert by_measure["jaccard"]["differences"] == pytest.approx([-0.5, -0.2])
+    assert by_measure["max_task_share"]["differences"] == pytest.approx([-0.1, -0.1])
+    assert "Paired by seed" in (tmp_path / "selection.md").read_text()
+
 # --- the runner: records, skipping, committing ------------------------------------------------------
 
 def _fake_launch(calls):
