@@ -285,10 +285,24 @@ def test_a_tiny_distractor_experiment_evaluates_and_trains(tiny_ablation):
     assert (results / "distractors.md").exists() and (results / "distractors.png").exists()
 
 
+def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(tiny_ablation):
+    """kem and none at 4 steps beside the ablation's 2-step runs of the same seed; kem − none per length."""
+    base, _, _ = tiny_ablation
+    results = base / "results"
+    out = experiments.length(["--tasks", "depth,sal", "--lengths", "4", "--eval-interval", "2",
+                              "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
+    assert set(experiments.load_records(results, "length")) == {("kem 4 steps", 0), ("none 4 steps", 0)}
+    assert sorted((r["row"], r["steps"]) for r in out["runs"]) == [("kem", 2), ("kem", 4), ("none", 2), ("none", 4)]
+    dm = {(r["row"], r["steps"]): r["delta_m"] for r in out["runs"]}
+    assert [d["steps"] for d in out["differences"]] == [2, 4]
+    for d in out["differences"]:
+        assert d["difference"] == pytest.approx(dm["kem", d["steps"]] - dm["none", d["steps"]])
+    assert (results / "length.md").exists() and (results / "length.png").exists()
+
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments.py")], capture_output=True, text=True)
     assert proc.returncode == 2 and "python experiments.py ablation" in proc.stdout
-    for name in ("ablation", "leak", "distractors"):
+    for name in ("ablation", "leak", "distractors", "length"):
         with pytest.raises(SystemExit) as exit_:
             experiments.main([name, "--help"])
         assert exit_.value.code == 0 and f"experiments.py {name}" in capsys.readouterr().out
