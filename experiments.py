@@ -4,6 +4,7 @@
                                                 # paired comparisons, learning curve, slot selection
     python experiments.py leak                  # the softmax leak at the model's own k values (a simulation)
     python experiments.py distractors           # distractor tokens, k fixed from the real tokens, probe AUC
+    python experiments.py length                # kem and none trained 2x and 4x longer: do the metrics level off?
     python experiments.py <name> --dry-run      # the plan: runs, how many are recorded, rough time
     python experiments.py <name> --tables-only  # rebuild the tables from the records alone
     python experiments.py <name> --help         # the knobs of each
@@ -38,6 +39,9 @@ What the paper claims [PAPER] and how it is tested here [OURS]:
 3. sKEM stabilises the slots' selection. `ablation` measures which tokens the slots select on the
    val set (mean pairwise Jaccard overlap of their top-k sets; each slot's share of tokens per task).
 4. KEM's cost is linear in the tokens, cross-attention's quadratic: bench.py, not here.
+Run length [OURS]: the ablation's runs are the default run's 1,500 steps, where the val metrics are
+still rising. `length` trains kem and none for 3,000 and 6,000 steps (seed 0, each with its own
+schedule) to show whether they level off and whether the kem − none difference moves with length.
 
 Letters: B batch, T tasks, N tokens (all tasks), M distractor tokens, L slots, D width, k selected.
 
@@ -479,6 +483,16 @@ COMPARISONS = [  # (row a, row b, what Δm_a - Δm_b, paired by seed, tests)
     ("kem k=N/16", "kem", "k = N/16 vs the default k = N/4"),
     ("kem k=N", "kem", "k = N (slots, no selection) vs k = N/4"),
 ]
+# Selection diagnostics compared paired by seed, only between rows with the same k (the overlap of random
+# k-sets, and so what a Jaccard means, depends on k / N).
+SELECTION_COMPARISONS = [
+    ("kem+etf slots", "kem", "ETF slots vs learned slots [PAPER: the ETF stabilises the selection]"),
+    ("kem+etf both", "kem", "ETF features and slots vs KEM"),
+    ("kem+etf features", "kem", "ETF features vs KEM"),
+    ("kem+etf features", "kem+normalize", "ETF frame vs L2 normalisation alone"),
+    ("kem post", "kem", "top-k after softmax vs masking before it"),
+]
+SELECTION_MEASURES = {"jaccard": "slot overlap (Jaccard)", "max_task_share": "largest task share"}
 
 
 def ablation_rows(tasks, single_task_kem=False):
@@ -813,16 +827,28 @@ def selection_report(records, results):
                      f"{r['jaccard_chance']:.3f} | {_ci(r['max_task_share'], 3, '')} | "
                      f"{_ci(r['max_task_weight'], 3, '')} |")
     T = len(rows[0]["tasks"])
-    (Path(results) / "selection.json").write_text(json.dumps({"rows": rows}, indent=1))
+    pairs = []
+    for a, b, what in SELECTION_COMPARISONS:
+        if a in by_row and b in by_row:
+            for m in SELECTION_MEASURES:
+                pairs.append({"a": a, "b": b, "tests": what, "measure": m,
+                              **paired(*({s: v[m] for s, v in by_row[c].items()} for c in (a, b)))})
+    pair_lines = ["| comparison | measure | difference per seed | mean [95% CI] | verdict |", "|---|---|---|---|---|"]
+    for c in pairs:
+        pair_lines.append(f"| {c['tests']}: {c['a']} − {c['b']} | {SELECTION_MEASURES[c['measure']]} | "
+                          + ", ".join(f"{d:+.3f}" for d in c["differences"]) + f" | {_ci(c, 3)} | {_verdict(c)} |")
+    (Path(results) / "selection.json").write_text(json.dumps({"rows": rows, "paired": pairs}, indent=1))
     (Path(results) / "selection.md").write_text(
         "Which tokens KEM's slots select on the val set, per trained model (mean and 95% t-interval over seeds). "
         "Slot overlap: mean pairwise Jaccard of the slots' top-k index sets per image (1 = all slots take the "
         "same tokens; 'chance' = independent random k-sets). Largest task share: mean over images and slots of "
         f"the largest fraction of a slot's selected tokens that comes from one task (1 = one task per slot, 1/T = "
         f"{1 / T:.3f} = evenly mixed); task weight: the same for attention mass (it differs when k = N). "
-        "Regenerate: `python experiments.py ablation --tables-only`\n\n" + "\n".join(lines) + "\n")
+        "Regenerate: `python experiments.py ablation --tables-only`\n\n" + "\n".join(lines)
+        + ("\n\nPaired by seed (a − b; rows with the same k only):\n\n" + "\n".join(pair_lines) if pairs else "")
+        + "\n")
     plot_selection(rows, Path(results) / "selection.png")
-    return rows
+    return {"rows": rows, "paired": pairs}
 
 
 def plot_selection(rows, path):
@@ -1334,7 +1360,118 @@ def plot_distractors(test, exchanges, kinds, ratios, path):
     plt.close(fig)
 
 
-EXPERIMENTS = {"ablation": ablation, "leak": leak, "distractors": distractors,
+# --- 4. run length: are 1,500 steps enough? ----------------------------------------------------------
+
+LENGTH_ROWS = ("kem", "none")               # the difference is kem − none
+
+
+def length(argv):
+    own, extra = _split_extra(argv)
+    p = argparse.ArgumentParser(prog="experiments.py length",
+                                description="The ablation's rows trained longer (each with its own schedule, "
+                                            "which ends at its last step): do the metrics level off, and does the "
+                                            "difference between rows move with the length?")
+    _common_options(p)
+    p.set_defaults(seeds=[0], eval_interval=500)
+    p.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000], help="steps per run, besides the ablation's")
+    p.add_argument("--rows", nargs="+", default=list(LENGTH_ROWS), choices=list(MULTI_TASK_ROWS))
+    args = p.parse_args(own)
+    tasks = _tasks(args.tasks)
+    rows = ablation_rows(tasks)
+    plan = [Run("length", f"{row} {n} steps", s, train_flags(rows[row], s, n, args.eval_interval, extra),
+                group=row, steps=n)
+            for s in args.seeds for n in sorted(args.lengths) for row in args.rows]
+    ctx = Context(results=args.results, runs=args.runs, jobs=args.jobs, commit=args.commit)
+    if args.dry_run:
+        return print_plan(plan, ctx)
+    if not args.tables_only:
+        execute(plan, ctx)
+    return length_report(args.results, tasks, args.rows, ("python experiments.py length " + " ".join(argv)).strip())
+
+
+def length_report(results, tasks, rows=LENGTH_ROWS, command="python experiments.py length"):
+    """results/length.json/.md/.png: final metrics against run length, from the length records and the
+    ablation's records of the same rows and seeds (their length is the ablation's)."""
+    results = Path(results)
+    ablation_recs = load_records(results, "ablation")
+    runs = {}                                                      # (row, seed) -> {steps: record}
+    for (config, seed), rec in load_records(results, "length").items():
+        runs.setdefault((config.rsplit(" ", 2)[0], seed), {})[rec["iteration"]] = rec
+    if not runs:
+        raise SystemExit(f"no length records under {results / 'runs' / 'length'}; run `{command}` first")
+    for (row, seed) in list(runs):
+        if (row, seed) in ablation_recs:
+            rec = ablation_recs[row, seed]
+            runs[row, seed][rec["iteration"]] = rec
+    baselines = baseline_metrics(ablation_recs, tasks)         # a common reference for every length
+    table, out = [], []
+    lines = ["| row | seed | steps | " + " | ".join(label(t) for t in tasks) + " | Δm % (vs the ablation's single-task) |"
+             " still improving over the last 40% of steps |", "|---|---:|---:|" + "---:|" * (len(tasks) + 1) + "---|"]
+    for (row, seed) in sorted(runs, key=lambda k: (k[1], rows.index(k[0]) if k[0] in rows else 99)):
+        for steps in sorted(runs[row, seed]):
+            rec = runs[row, seed][steps]
+            dm = metrics.delta_m(rec["metrics"], baselines) if all(t in baselines for t in rec["metrics"]) else None
+            lev = levelled_off([rec], tasks, window=round(0.4 * steps))
+            improving = ", ".join(f"{t} {v['mean_change_pct']:+.1f}%" for t, v in lev.items())
+            out.append({"row": row, "seed": seed, "steps": steps, "delta_m": dm, "levelling": lev,
+                        "headline": {t: headline(t, rec["metrics"][t]) for t in rec["metrics"]},
+                        "history": rec["history"]})
+            lines.append(f"| {row} | {seed} | {steps} | " + " | ".join(f"{out[-1]['headline'][t]:.4f}" for t in tasks)
+                         + f" | {'—' if dm is None else f'{dm:+.2f}'} | {improving} |")
+    diffs = ["| seed | steps | Δm difference " + " − ".join(rows[:2]) + " |", "|---:|---:|---:|"]
+    if len(rows) >= 2:
+        by = {(o["row"], o["seed"], o["steps"]): o["delta_m"] for o in out}
+        for (row, seed, steps), dm in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            other = by.get((rows[1], seed, steps))
+            if row == rows[0] and dm is not None and other is not None:
+                table.append({"seed": seed, "steps": steps, "a": rows[0], "b": rows[1], "difference": dm - other})
+                diffs.append(f"| {seed} | {steps} | {dm - other:+.2f} |")
+    (results / "length.json").write_text(json.dumps({"command": command, "runs": out, "differences": table}, indent=1))
+    (results / "length.md").write_text(
+        "Run length: the same rows trained for more steps, each run with its own warm-up and polynomial decay to "
+        "zero at its last step (so a longer run is not a continuation of a shorter one). Final val metrics; Δm "
+        "against the ablation's single-task means (a common reference for every length, so the differences "
+        "between rows are comparable); 'still improving': the headline's relative change between the evaluation "
+        "nearest 60% of the run and the last one (positive = better). Regenerate: "
+        f"`{command}`\n\n" + "\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n")
+    plot_length(out, tasks, results / "length.png")
+    print("\n".join(lines) + "\n\n" + "\n".join(diffs))
+    return {"runs": out, "differences": table}
+
+
+def plot_length(runs, tasks, path):
+    """Per task: each run's val curve (the longest in full), coloured by row, one line style per length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(tasks))
+    fig, axes = plt.subplots(math.ceil(len(tasks) / cols), cols, figsize=(3.6 * cols, 2.6 * math.ceil(len(tasks) / cols)),
+                             squeeze=False)
+    row_names = list(dict.fromkeys(r["row"] for r in runs))
+    lengths = sorted({r["steps"] for r in runs})
+    styles = dict(zip(lengths, [":", "--", "-", "-."]))
+    for ax, t in zip(axes.flat, tasks):
+        for r in runs:
+            pts = [(h["iter"], h["headline"][t]) for h in r["history"]
+                   if h["headline"].get(t) is not None and not (t == "edge" and h.get("exact_edges"))]
+            if pts:
+                ax.plot(*zip(*pts), styles.get(r["steps"], "-"), marker="o", ms=2, lw=1,
+                        color=f"C{row_names.index(r['row'])}",
+                        label=f"{r['row']}, {r['steps']} steps" + (f", seed {r['seed']}" if r["seed"] else ""))
+        ax.set_title(label(t) + (" (approx.)" if t == "edge" else ""), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("val headline metrics during training, by run length", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+EXPERIMENTS = {"ablation": ablation, "leak": leak, "distractors": distractors, "length": length,
                "noise": distractors,              # the old name, while the README still shows it
                "_distract": _distract}
 

@@ -154,6 +154,24 @@ def test_jaccard_and_task_share_on_hand_made_attention():
         experiments.selection_stats(A, num_tasks=3)
 
 
+
+def test_selection_is_compared_paired_by_seed_between_rows_of_the_same_k(tmp_path):
+    """ETF slots minus learned slots, per seed, for each measure; the k sweep is not compared (other chance)."""
+    def sel(jaccard, share, k=4):
+        return {"selection": {"k": k, "N": 16, "share": [[0.5, 0.5]] * 2, "tasks": ["depth", "sal"], "jaccard": jaccard,
+                              "jaccard_chance": 0.1, "max_task_share": share, "max_task_weight": share}}
+    records = {("kem", 0): sel(0.8, 0.6), ("kem", 1): sel(0.6, 0.7), ("kem", 2): sel(0.7, 0.5),
+               ("kem+etf slots", 0): sel(0.3, 0.5), ("kem+etf slots", 1): sel(0.4, 0.6),
+               ("kem k=N", 0): sel(1.0, 0.5, k=16), ("none", 0): {"selection": None}}
+    out = experiments.selection_report(records, tmp_path)
+    assert [r["config"] for r in out["rows"]] == ["kem", "kem k=N", "kem+etf slots"]
+    by_measure = {c["measure"]: c for c in out["paired"]}
+    assert set(by_measure) == {"jaccard", "max_task_share"} and all(c["a"] == "kem+etf slots" for c in out["paired"])
+    assert by_measure["jaccard"]["seeds"] == [0, 1]
+    assert by_measure["jaccard"]["differences"] == pytest.approx([-0.5, -0.2])
+    assert by_measure["max_task_share"]["differences"] == pytest.approx([-0.1, -0.1])
+    assert "Paired by seed" in (tmp_path / "selection.md").read_text()
+
 # --- the runner: records, skipping, committing ------------------------------------------------------
 
 def _fake_launch(calls):
@@ -267,10 +285,24 @@ def test_a_tiny_distractor_experiment_evaluates_and_trains(tiny_ablation):
     assert (results / "distractors.md").exists() and (results / "distractors.png").exists()
 
 
+def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(tiny_ablation):
+    """kem and none at 4 steps beside the ablation's 2-step runs of the same seed; kem − none per length."""
+    base, _, _ = tiny_ablation
+    results = base / "results"
+    out = experiments.length(["--tasks", "depth,sal", "--lengths", "4", "--eval-interval", "2",
+                              "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
+    assert set(experiments.load_records(results, "length")) == {("kem 4 steps", 0), ("none 4 steps", 0)}
+    assert sorted((r["row"], r["steps"]) for r in out["runs"]) == [("kem", 2), ("kem", 4), ("none", 2), ("none", 4)]
+    dm = {(r["row"], r["steps"]): r["delta_m"] for r in out["runs"]}
+    assert [d["steps"] for d in out["differences"]] == [2, 4]
+    for d in out["differences"]:
+        assert d["difference"] == pytest.approx(dm["kem", d["steps"]] - dm["none", d["steps"]])
+    assert (results / "length.md").exists() and (results / "length.png").exists()
+
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments.py")], capture_output=True, text=True)
     assert proc.returncode == 2 and "python experiments.py ablation" in proc.stdout
-    for name in ("ablation", "leak", "distractors"):
+    for name in ("ablation", "leak", "distractors", "length"):
         with pytest.raises(SystemExit) as exit_:
             experiments.main([name, "--help"])
         assert exit_.value.code == 0 and f"experiments.py {name}" in capsys.readouterr().out
