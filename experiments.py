@@ -490,6 +490,7 @@ SELECTION_COMPARISONS = [
     ("kem+etf both", "kem", "ETF features and slots vs KEM"),
     ("kem+etf features", "kem", "ETF features vs KEM"),
     ("kem+etf features", "kem+normalize", "ETF frame vs L2 normalisation alone"),
+    ("kem+normalize", "kem", "L2 normalisation alone vs KEM"),
     ("kem post", "kem", "top-k after softmax vs masking before it"),
 ]
 SELECTION_MEASURES = {"jaccard": "slot overlap (Jaccard)", "max_task_share": "largest task share"}
