@@ -10,9 +10,10 @@
     python experiments.py <name> --help         # the knobs of each
 
 How long, on 2 cores with --jobs 2 (two one-thread runs side by side): a kem run of 1,500 steps took
-296 s (46 images/s) on the project's 2-core machine with nothing else running, so the ablation's 85
-runs take about 3.5 h and the distractors about 1-1.5 h after it; leak about a minute. --dry-run
-re-estimates from the records' own wall times (records marked with a "note" include pauses).
+296-420 s on the project's 2-core machine (its speed drifts), and the ablation's 85 runs took 11.6
+run-hours, about 6 h of the machine; the distractors take about 1.5-2 h after it, length about 40 min,
+leak about a minute. --dry-run re-estimates from the records' own wall times (records marked with a
+"note" shared the machine with other work).
 
 Records [OURS]. Every finished run leaves one small JSON file, results/runs/<experiment>/<config>/
 seed<k>.json: its flags, every task's full metric dict, speed, wall time, the eval history (for
