@@ -689,14 +689,22 @@ def levelled_off(records, tasks, window=500):
     return out
 
 
+def _task_grid(plt, tasks):
+    """A figure with one small panel per task, three to a row; the panels left over are switched off."""
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    return fig, axes
+
+
 def plot_learning_curve(records, tasks, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(tasks))
-    fig, axes = plt.subplots(math.ceil(len(tasks) / cols), cols, figsize=(3.6 * cols, 2.6 * math.ceil(len(tasks) / cols)),
-                             squeeze=False)
+    fig, axes = _task_grid(plt, tasks)
     for ax, t in zip(axes.flat, tasks):
         for i, rec in enumerate(records):
             pts = [(h["iter"], h["headline"][t], bool(h.get("exact_edges"))) for h in rec["history"]
@@ -712,8 +720,6 @@ def plot_learning_curve(records, tasks, path):
         ax.set_title(label(t) + (" (lines approx., ★ exact)" if t == "edge" else ""), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"val headline metrics during training: {records[0]['config']}", fontsize=10)
     fig.tight_layout()
@@ -1421,13 +1427,12 @@ def length_report(results, tasks, rows=LENGTH_ROWS, command="python experiments.
             lines.append(f"| {row} | {seed} | {steps} | " + " | ".join(f"{out[-1]['headline'][t]:.4f}" for t in tasks)
                          + f" | {'—' if dm is None else f'{dm:+.2f}'} | {improving} |")
     diffs = ["| seed | steps | Δm difference " + " − ".join(rows[:2]) + " |", "|---:|---:|---:|"]
-    if len(rows) >= 2:
-        by = {(o["row"], o["seed"], o["steps"]): o["delta_m"] for o in out}
-        for (row, seed, steps), dm in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-            other = by.get((rows[1], seed, steps))
-            if row == rows[0] and dm is not None and other is not None:
-                table.append({"seed": seed, "steps": steps, "a": rows[0], "b": rows[1], "difference": dm - other})
-                diffs.append(f"| {seed} | {steps} | {dm - other:+.2f} |")
+    dm_of = {(o["row"], o["seed"], o["steps"]): o["delta_m"] for o in out}
+    for seed, steps in sorted({(o["seed"], o["steps"]) for o in out}) if len(rows) >= 2 else []:
+        a, b = dm_of.get((rows[0], seed, steps)), dm_of.get((rows[1], seed, steps))
+        if a is not None and b is not None:
+            table.append({"seed": seed, "steps": steps, "a": rows[0], "b": rows[1], "difference": a - b})
+            diffs.append(f"| {seed} | {steps} | {a - b:+.2f} |")
     (results / "length.json").write_text(json.dumps({"command": command, "runs": out, "differences": table}, indent=1))
     (results / "length.md").write_text(
         "Run length: the same rows trained for more steps, each run with its own warm-up and polynomial decay to "
@@ -1447,9 +1452,7 @@ def plot_length(runs, tasks, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(tasks))
-    fig, axes = plt.subplots(math.ceil(len(tasks) / cols), cols, figsize=(3.6 * cols, 2.6 * math.ceil(len(tasks) / cols)),
-                             squeeze=False)
+    fig, axes = _task_grid(plt, tasks)
     row_names = list(dict.fromkeys(r["row"] for r in runs))
     lengths = sorted({r["steps"] for r in runs})
     styles = dict(zip(lengths, [":", "--", "-", "-."]))
@@ -1464,8 +1467,6 @@ def plot_length(runs, tasks, path):
         ax.set_title(label(t) + (" (approx.)" if t == "edge" else ""), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle("val headline metrics during training, by run length", fontsize=10)
     fig.tight_layout()
