@@ -59,8 +59,8 @@ def _make_step(spec, device):
         model = MultiTaskNet(dict(tasks), exchange=exchange, dim=dim).to(device)
         if torch.distributed.is_initialized():       # one of --procs processes: gradients averaged as train.py does
             model = train.data_parallel(model, torch.device(device))
-        preset = train.PRESETS["synthetic"]
-        opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], weight_decay=preset["weight_decay"])
+        preset = {**train.COMMON, **train.PRESETS["synthetic"]}
+        opt, _ = train.build_optimizer(model, preset)              # the optimiser train.py builds
         images = torch.randn(B, 3, H, W, device=device)
         targets = _random_targets(dict(tasks), B, H, W, device)
 

@@ -695,10 +695,14 @@ def lr_factor(it, warmup, max_iters, power):
 
 
 def build_optimizer(model, cfg):
-    """Adam(W) over the trainable parameters, and the warm-up + polynomial schedule."""
+    """Adam(W) over the trainable parameters, and the warm-up + polynomial schedule.
+
+    The fused kernel updates all parameters in one pass instead of a loop over tensor groups: the same
+    update up to rounding, and on a CPU it is what makes the optimiser step cheap next to the model's."""
+    params = [p for p in model.parameters() if p.requires_grad]
     optim_cls = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
-    optimizer = optim_cls([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                          weight_decay=cfg["weight_decay"])
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = optim_cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, cfg["warmup_iters"], cfg["max_iters"], cfg["poly_power"]))
     return optimizer, scheduler

@@ -141,6 +141,25 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         train_losses(tmp_path / "two" / "metrics.jsonl")[-1][1], rel=1e-4)
 
 
+def test_the_optimiser_is_fused_and_takes_the_unfused_step():
+    """build_optimizer picks the fused Adam(W) on the CPU; its steps match the per-tensor one up to rounding."""
+    cfg = {**train.COMMON, **train.PRESETS["synthetic"]}
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    b.load_state_dict(a.state_dict())
+    fused, _ = train.build_optimizer(a, cfg)
+    plain = torch.optim.AdamW(b.parameters(), lr=fused.param_groups[0]["lr"], weight_decay=cfg["weight_decay"])
+    assert fused.defaults["fused"] and isinstance(fused, torch.optim.AdamW)
+    x = torch.randn(4, 5)
+    for _ in range(5):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
 def test_bf16_autocast_runs_on_the_cpu(tmp_path):
     run([*TINY, "--max-iters", "4", "--eval-interval", "4", "--amp", "bf16", "--out-dir", str(tmp_path / "bf16")])
     results = json.loads((tmp_path / "bf16" / "results.json").read_text())
