@@ -42,7 +42,9 @@ What the paper claims [PAPER] and how it is tested here [OURS]:
 4. KEM's cost is linear in the tokens, cross-attention's quadratic: bench.py, not here.
 Run length [OURS]: the ablation's runs are the default run's 1,500 steps, where the val metrics are
 still rising. `length` trains kem and none for 3,000 and 6,000 steps (seed 0, each with its own
-schedule) to show whether they level off and whether the kem − none difference moves with length.
+schedule) to show whether they level off and whether the kem − none difference moves with length;
+`length --seeds 0 1 2 3 4 --lengths 6000` repeats the 6,000-step pair over five seeds, so kem − none
+gets a paired interval at 4x the ablation's length.
 
 Letters: B batch, T tasks, N tokens (all tasks), M distractor tokens, L slots, D width, k selected.
 
@@ -1433,17 +1435,58 @@ def length_report(results, tasks, rows=LENGTH_ROWS, command="python experiments.
         if a is not None and b is not None:
             table.append({"seed": seed, "steps": steps, "a": rows[0], "b": rows[1], "difference": a - b})
             diffs.append(f"| {seed} | {steps} | {a - b:+.2f} |")
-    (results / "length.json").write_text(json.dumps({"command": command, "runs": out, "differences": table}, indent=1))
+    summary = length_summary(out, tasks, rows)
+    (results / "length.json").write_text(json.dumps({"command": command, "runs": out, "differences": table,
+                                                     "paired": summary}, indent=1))
     (results / "length.md").write_text(
         "Run length: the same rows trained for more steps, each run with its own warm-up and polynomial decay to "
         "zero at its last step (so a longer run is not a continuation of a shorter one). Final val metrics; Δm "
         "against the ablation's single-task means (a common reference for every length, so the differences "
         "between rows are comparable); 'still improving': the headline's relative change between the evaluation "
         "nearest 60% of the run and the last one (positive = better). Regenerate: "
-        f"`{command}`\n\n" + "\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n")
+        f"`{command}`\n\n" + "\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n\n" + summary["markdown"] + "\n")
     plot_length(out, tasks, results / "length.png")
-    print("\n".join(lines) + "\n\n" + "\n".join(diffs))
-    return {"runs": out, "differences": table}
+    print("\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n\n" + summary["markdown"])
+    return {"runs": out, "differences": table, "paired": summary}
+
+
+def length_summary(out, tasks, rows):
+    """Per length, over the seeds that have both rows: the paired Δm difference rows[0] − rows[1] and each
+    task's paired headline difference (signed so that positive = rows[0] better), with 95% t-intervals;
+    and per (row, length) the seeds' mean 'still improving' change."""
+    by = {(o["row"], o["seed"], o["steps"]): o for o in out}
+    a_row, b_row = (list(rows) + [None])[:2]                   # one row alone: no pairs, the table stays empty
+    lines = [f"Paired by seed, {a_row} − {b_row}, mean [95% t-interval]; per task positive = {a_row} better:", "",
+             "| steps | seeds | Δm difference | " + " | ".join(label(t) for t in tasks) + " |",
+             "|---:|---:|---:|" + "---:|" * len(tasks)]
+    per_length = []
+    for steps in sorted({o["steps"] for o in out}):
+        pairs = [(by[a_row, s, steps], by[b_row, s, steps]) for s in sorted({o["seed"] for o in out})
+                 if (a_row, s, steps) in by and (b_row, s, steps) in by]
+        if not pairs:
+            continue
+        seeds = [a["seed"] for a, _ in pairs]
+        dm = paired({a["seed"]: a["delta_m"] for a, _ in pairs if a["delta_m"] is not None},
+                    {b["seed"]: b["delta_m"] for _, b in pairs if b["delta_m"] is not None})
+        task_stats = {t: paired({a["seed"]: metrics.HEADLINE[t][1] * a["headline"][t] for a, _ in pairs},
+                                {b["seed"]: metrics.HEADLINE[t][1] * b["headline"][t] for _, b in pairs})
+                      for t in tasks}
+        per_length.append({"steps": steps, "seeds": seeds, "delta_m": dm, "tasks": task_stats})
+        lines.append(f"| {steps} | {len(seeds)} | {_ci(dm)} ({_verdict(dm)}) | "
+                     + " | ".join(_ci(task_stats[t], digits=3) for t in tasks) + " |")
+    lines += ["", "Still improving (mean over seeds of the headline's relative change over the last 40% of the run, "
+              "positive = better):", "", "| row | steps | seeds | " + " | ".join(label(t) for t in tasks) + " |",
+              "|---|---:|---:|" + "---:|" * len(tasks)]
+    improving = []
+    for row, steps in sorted({(o["row"], o["steps"]) for o in out}, key=lambda k: (k[1], str(k[0]))):
+        lev = {t: [o["levelling"][t]["mean_change_pct"] for o in out
+                   if (o["row"], o["steps"]) == (row, steps) and t in o["levelling"]] for t in tasks}
+        n = max(len(v) for v in lev.values())
+        improving.append({"row": row, "steps": steps, "seeds": n,
+                          "mean_change_pct": {t: float(np.mean(v)) for t, v in lev.items() if v}})
+        lines.append(f"| {row} | {steps} | {n} | " + " | ".join(
+            f"{np.mean(lev[t]):+.1f}%" if lev[t] else "—" for t in tasks) + " |")
+    return {"per_length": per_length, "still_improving": improving, "markdown": "\n".join(lines)}
 
 
 def plot_length(runs, tasks, path):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import experiments
+import metrics
 from kem_mtl import KEM, CrossTaskAttention
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +298,14 @@ def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(
     assert [d["steps"] for d in out["differences"]] == [2, 4]
     for d in out["differences"]:
         assert d["difference"] == pytest.approx(dm["kem", d["steps"]] - dm["none", d["steps"]])
+    summary = {p["steps"]: p for p in out["paired"]["per_length"]}          # one seed: the mean is the difference
+    assert sorted(summary) == [2, 4]
+    for steps, p in summary.items():
+        assert p["seeds"] == [0] and p["delta_m"]["mean"] == pytest.approx(dm["kem", steps] - dm["none", steps])
+        runs = {r["row"]: r for r in out["runs"] if r["steps"] == steps}
+        sign = metrics.HEADLINE["depth"][1]
+        assert p["tasks"]["depth"]["mean"] == pytest.approx(sign * (runs["kem"]["headline"]["depth"]
+                                                                    - runs["none"]["headline"]["depth"]))
     assert (results / "length.md").exists() and (results / "length.png").exists()
 
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
