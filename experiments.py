@@ -1518,14 +1518,18 @@ def plot_length(runs, tasks, path):
 
 
 EXPERIMENTS = {"ablation": ablation, "leak": leak, "distractors": distractors, "length": length,
-               "noise": distractors,              # the old name, while the README still shows it
                "_distract": _distract}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in EXPERIMENTS:
+    if not argv:
         print(__doc__)
+        return 2
+    if argv[0] not in EXPERIMENTS:
+        names = ", ".join(n for n in EXPERIMENTS if not n.startswith("_"))
+        print(f"experiments.py: there is no experiment {argv[0]!r}; the experiments are {names} "
+              "(`python experiments.py` describes each).", file=sys.stderr)
         return 2
     if argv[0] == "_distract":                   # a train.py process with distractors: its exit code
         return _distract(argv[1:])

@@ -315,3 +315,9 @@ def test_the_command_lists_the_experiments_and_each_has_help(capsys):
         with pytest.raises(SystemExit) as exit_:
             experiments.main([name, "--help"])
         assert exit_.value.code == 0 and f"experiments.py {name}" in capsys.readouterr().out
+
+
+def test_an_unknown_experiment_is_named_in_one_line_with_the_choices():
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments.py"), "noise"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert "no experiment 'noise'" in proc.stderr and "ablation, leak, distractors, length" in proc.stderr
