@@ -4,7 +4,8 @@
                                                 # paired comparisons, learning curve, slot selection
     python experiments.py leak                  # the softmax leak at the model's own k values (a simulation)
     python experiments.py distractors           # distractor tokens, k fixed from the real tokens, probe AUC
-    python experiments.py length                # kem and none trained 2x and 4x longer: do the metrics level off?
+    python experiments.py length                # kem and none trained 2x and 4x longer, 5 seeds: do the metrics
+                                                # level off, does kem − none move with the length?
     python experiments.py <name> --dry-run      # the plan: runs, how many are recorded, rough time
     python experiments.py <name> --tables-only  # rebuild the tables from the records alone
     python experiments.py <name> --help         # the knobs of each
@@ -41,10 +42,9 @@ What the paper claims [PAPER] and how it is tested here [OURS]:
    val set (mean pairwise Jaccard overlap of their top-k sets; each slot's share of tokens per task).
 4. KEM's cost is linear in the tokens, cross-attention's quadratic: bench.py, not here.
 Run length [OURS]: the ablation's runs are the default run's 1,500 steps, where the val metrics are
-still rising. `length` trains kem and none for 3,000 and 6,000 steps (seed 0, each with its own
-schedule) to show whether they level off and whether the kem − none difference moves with length;
-`length --seeds 0 1 2 3 4 --lengths 6000` repeats the 6,000-step pair over five seeds, so kem − none
-gets a paired interval at 4x the ablation's length.
+still rising. `length` trains kem and none for 3,000 and 6,000 steps (the ablation's five seeds, each
+run with its own schedule) to show whether they level off and whether the kem − none difference,
+paired by seed, moves with the length.
 
 Letters: B batch, T tasks, N tokens (all tasks), M distractor tokens, L slots, D width, k selected.
 
@@ -1382,7 +1382,7 @@ def length(argv):
                                             "which ends at its last step): do the metrics level off, and does the "
                                             "difference between rows move with the length?")
     _common_options(p)
-    p.set_defaults(seeds=[0], eval_interval=500)
+    p.set_defaults(eval_interval=500)
     p.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000], help="steps per run, besides the ablation's")
     p.add_argument("--rows", nargs="+", default=list(LENGTH_ROWS), choices=list(MULTI_TASK_ROWS))
     args = p.parse_args(own)

@@ -290,7 +290,7 @@ def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(
     """kem and none at 4 steps beside the ablation's 2-step runs of the same seed; kem − none per length."""
     base, _, _ = tiny_ablation
     results = base / "results"
-    out = experiments.length(["--tasks", "depth,sal", "--lengths", "4", "--eval-interval", "2",
+    out = experiments.length(["--tasks", "depth,sal", "--seeds", "0", "--lengths", "4", "--eval-interval", "2",
                               "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
     assert set(experiments.load_records(results, "length")) == {("kem 4 steps", 0), ("none 4 steps", 0)}
     assert sorted((r["row"], r["steps"]) for r in out["runs"]) == [("kem", 2), ("kem", 4), ("none", 2), ("none", 4)]
