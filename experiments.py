@@ -1490,7 +1490,8 @@ def length_summary(out, tasks, rows):
 
 
 def plot_length(runs, tasks, path):
-    """Per task: each run's val curve (the longest in full), coloured by row, one line style per length."""
+    """Per task: the val curve of each (row, length), mean over its seeds with their range shaded; coloured by
+    row, one line style per length."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1499,19 +1500,28 @@ def plot_length(runs, tasks, path):
     row_names = list(dict.fromkeys(r["row"] for r in runs))
     lengths = sorted({r["steps"] for r in runs})
     styles = dict(zip(lengths, [":", "--", "-", "-."]))
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["row"], r["steps"]), []).append(r)
     for ax, t in zip(axes.flat, tasks):
-        for r in runs:
-            pts = [(h["iter"], h["headline"][t]) for h in r["history"]
-                   if h["headline"].get(t) is not None and not (t == "edge" and h.get("exact_edges"))]
-            if pts:
-                ax.plot(*zip(*pts), styles.get(r["steps"], "-"), marker="o", ms=2, lw=1,
-                        color=f"C{row_names.index(r['row'])}",
-                        label=f"{r['row']}, {r['steps']} steps" + (f", seed {r['seed']}" if r["seed"] else ""))
+        for (row, steps), group in groups.items():
+            curves = [dict((h["iter"], h["headline"][t]) for h in r["history"]
+                           if h["headline"].get(t) is not None and not (t == "edge" and h.get("exact_edges")))
+                      for r in group]
+            iters = sorted(set.intersection(*(set(c) for c in curves)))
+            if not iters:
+                continue
+            values = np.array([[c[i] for i in iters] for c in curves])
+            color = f"C{row_names.index(row)}"
+            ax.plot(iters, values.mean(0), styles.get(steps, "-"), marker="o", ms=2, lw=1, color=color,
+                    label=f"{row}, {steps} steps ({len(group)} seed{'s' if len(group) > 1 else ''})")
+            if len(group) > 1:
+                ax.fill_between(iters, values.min(0), values.max(0), color=color, alpha=0.12, lw=0)
         ax.set_title(label(t) + (" (approx.)" if t == "edge" else ""), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle("val headline metrics during training, by run length", fontsize=10)
+    fig.suptitle("val headline metrics during training, by run length (mean over seeds, range shaded)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
