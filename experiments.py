@@ -1474,6 +1474,15 @@ def length_summary(out, tasks, rows):
         per_length.append({"steps": steps, "seeds": seeds, "delta_m": dm, "tasks": task_stats})
         lines.append(f"| {steps} | {len(seeds)} | {_ci(dm)} ({_verdict(dm)}) | "
                      + " | ".join(_ci(task_stats[t], digits=3) for t in tasks) + " |")
+    if len(per_length) > 1:                                    # does the difference move with the length?
+        first = per_length[0]
+        lines += ["", f"Change of the Δm difference against {first['steps']} steps, paired by seed:", "",
+                  "| steps | seeds | change |", "|---:|---:|---:|"]
+        for p in per_length[1:]:
+            p["change_from_shortest"] = paired(dict(zip(p["delta_m"]["seeds"], p["delta_m"]["differences"])),
+                                               dict(zip(first["delta_m"]["seeds"], first["delta_m"]["differences"])))
+            change = p["change_from_shortest"]
+            lines.append(f"| {p['steps']} | {change['n']} | {_ci(change)} ({_verdict(change)}) |")
     lines += ["", "Still improving (mean over seeds of the headline's relative change over the last 40% of the run, "
               "positive = better):", "", "| row | steps | seeds | " + " | ".join(label(t) for t in tasks) + " |",
               "|---|---:|---:|" + "---:|" * len(tasks)]

@@ -306,6 +306,8 @@ def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(
         sign = metrics.HEADLINE["depth"][1]
         assert p["tasks"]["depth"]["mean"] == pytest.approx(sign * (runs["kem"]["headline"]["depth"]
                                                                     - runs["none"]["headline"]["depth"]))
+    change = summary[4]["change_from_shortest"]                            # (kem − none at 4) − (at 2)
+    assert change["mean"] == pytest.approx(summary[4]["delta_m"]["mean"] - summary[2]["delta_m"]["mean"])
     assert (results / "length.md").exists() and (results / "length.png").exists()
 
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
