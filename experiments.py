@@ -80,6 +80,7 @@ import torch
 import metrics
 import synthetic
 import train
+import train_support
 from kem_mtl import resolve_topk, topk_softmax
 
 ROOT = Path(__file__).resolve().parent
@@ -329,7 +330,7 @@ def perform(run, ctx):
         rec.update(run.after(run, out, ctx))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(train.strict_json(rec), indent=1, allow_nan=False))   # NaN -> null
+    tmp.write_text(json.dumps(train_support.strict_json(rec), indent=1, allow_nan=False))   # NaN -> null
     os.replace(tmp, path)
     if ctx.commit:
         with ctx.lock:
@@ -798,10 +799,10 @@ def selection_diagnostics(ckpt_path, max_images=None):
 
 def _val_images(cfg, max_images=None):
 
-    data = train.build_data(cfg, "val")
+    data = train_support.build_data(cfg, "val")
     if max_images is not None:
         data = torch.utils.data.Subset(data, range(min(max_images, len(data))))
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"], collate_fn=train.collate)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg["batch_size"], collate_fn=train_support.collate)
     for batch in loader:
         yield batch["image"]
 

@@ -88,12 +88,13 @@ def describe():
 
 def load_model(ckpt_path):
     """(MultiTaskNet in eval mode, the run's config, the checkpoint's iteration) from a train.py
-    checkpoint, read, built and loaded by train.py's own functions (the same checks and messages)."""
+    checkpoint, read, built and loaded by the training program's own functions (the same checks and messages)."""
     import train
+    import train_support
 
-    ckpt = train.load_checkpoint(ckpt_path)[0]
+    ckpt = train_support.load_checkpoint(ckpt_path)[0]
     model = train.build_model(ckpt["config"])
-    train.load_weights(model, ckpt, ckpt_path)
+    train_support.load_weights(model, ckpt, ckpt_path)
     return model.eval(), ckpt["config"], ckpt["iteration"]
 
 

@@ -1,0 +1,640 @@
+"""What a training run needs around the model and the loop: train.py's plumbing, in one flat file.
+
+train.py is the file to read for the multi-task training loop; this one holds what a run needs but a
+reader of the loop does not: the command line's argument types and error wording, --resume and
+--eval-only settings taken from a checkpoint, our own CPU processes, the dataset and weights checks,
+the resumable data stream, checkpoint and RNG I/O, JSON records and the evaluation pictures.
+Functions stand in the order a run first calls them (train.main, then train.run / train.evaluate_checkpoint).
+
+Reproducibility, in three pieces (the data stream and checkpoints live here, the losses in train.py):
+- the data stream is a function of (seed, position): StreamSampler shuffles each epoch with
+  seed + epoch and shards every global batch across processes, and every sample's augmentation
+  is seeded from its position in the stream, so what a sample looks like does not depend on the
+  worker, the process or the restart that loads it;
+- losses are per-image means averaged over the batch, and the network normalises per image
+  (GroupNorm), so N processes with batch b compute what one process computes with batch N b
+  (up to float rounding);
+- checkpoints hold model, optimiser, scheduler, scaler, iteration and RNG states, written to a
+  temporary file and renamed, so `--resume` continues a run exactly and a crash never leaves a
+  half-written checkpoint.
+
+Our own processes: on a CPU with several cores, `python train.py` splits each batch over `--procs`
+single-thread processes (DistributedDataParallel over gloo): small convolutions use one core well
+and two cores badly, so two one-thread processes train faster than one two-thread process
+(`python bench.py step --procs 1 2` measures it). Under torchrun the same code runs one process per
+GPU, each with a whole batch.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import datasets
+import metrics
+from kem_mtl import WeightsUnavailable, fetch_pretrained_weights
+
+
+class UsageError(Exception):
+    """Bad input (flags, data, weights, checkpoints): printed as one paragraph, no traceback."""
+
+
+class RunStopped(Exception):
+    """The run stopped on its own (a training process failed): printed as one paragraph, exit code 1."""
+
+
+# --- the command line: argument types, and module errors in its words -----------------------------
+
+def size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        assert h > 0 and w > 0
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 96x128, got {text!r}")
+    return [h, w]
+
+
+def number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def procs_count(text):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
+    return int(text)
+
+
+def as_flags(message, flags):
+    """A module's ValueError in the words of the command line, for the parameters that are flags:
+    `num_slots` -> `--num-slots`, `exchange='kem'` -> `--exchange kem`, `pretrained=False` -> `--no-pretrained`."""
+    def flag(name):
+        return f"--{name.replace('_', '-')}"
+
+    def named(match):
+        name, value = match[1], match[3]
+        if name not in flags:
+            return match[0]
+        return {"False": f"--no-{name.replace('_', '-')}", "True": flag(name)}.get(value, f"{flag(name)} {value}")
+
+    message = re.sub(r"\b([a-z_]+)=(['\"]?)([\w.]+)\2", named, message)
+    return re.sub(r"(?<![-\w'])(topk_mode|topk|num_slots|dim)\b(?![=-])", lambda m: flag(m[1]), message)
+
+
+# --- --resume and --eval-only: the run's settings come from its checkpoint ------------------------
+
+# Settings that may change when a run is resumed; every other one must match the checkpoint.
+RESUMABLE = {"out_dir", "resume", "device", "workers", "log_interval", "eval_interval", "data_dir", "download",
+             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs"}
+
+
+# Settings that define the network: taken from the checkpoint by --eval-only.
+MODEL_KEYS = ("dataset", "tasks", "backbone", "exchange", "etf", "dim", "num_slots", "topk", "topk_mode",
+              "freeze_backbone")
+
+
+def restore_config(cfg, given, defaults):
+    """--resume and --eval-only take the run's settings from their checkpoint. Returns (cfg, checkpoint
+    path or None); a new run gets its out_dir here, once, so that every process writes to the same one.
+    defaults: every setting's default, for settings added since a checkpoint was written."""
+    if cfg["resume"]:
+        ckpt, path = load_checkpoint(cfg["resume"])
+        # The run's own settings come back from the checkpoint; flags may change only RESUMABLE ones.
+        differ = config_differences(ckpt["config"], cfg, [k for k in given if k not in RESUMABLE], defaults)
+        if differ:
+            raise UsageError(f"--resume {cfg['resume']} was trained with other settings: " + "; ".join(differ)
+                             + ". Drop those flags to continue the run, or start a new run with a new --out-dir")
+        cfg = {**ckpt["config"], **{k: cfg[k] for k in given if k in RESUMABLE}}
+        cfg["out_dir"] = os.path.dirname(os.path.abspath(path))
+        return cfg, path
+    if cfg["eval_only"]:
+        ckpt, path = load_checkpoint(cfg["ckpt"])
+        differ = config_differences(ckpt["config"], cfg, [k for k in MODEL_KEYS if k in given], defaults)
+        if differ:
+            raise UsageError(f"--ckpt {cfg['ckpt']} holds a different network than the flags ask for: "
+                             + "; ".join(differ) + ". Drop those flags: --eval-only takes them from the checkpoint")
+        cfg.update({k: ckpt["config"][k] for k in (*MODEL_KEYS, "eval_size", "edge_max_dist", "val_samples", "seed")})
+        if "batch_size" not in given:                   # batched as in training: the same numbers, to the bit
+            cfg["batch_size"] = ckpt["config"]["batch_size"]
+        cfg["pretrained"] = False                       # the checkpoint holds every weight
+        cfg["out_dir"] = cfg["out_dir"] or os.path.dirname(os.path.abspath(path))
+        return cfg, path
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['exchange']}-{stamp}")
+    if os.path.exists(os.path.join(cfg["out_dir"], "config.json")):
+        raise UsageError(f"--out-dir {cfg['out_dir']} already holds a run; continue it with --resume "
+                         f"{cfg['out_dir']}, or choose another --out-dir")
+    return cfg, None
+
+
+def load_checkpoint(path):
+    """(checkpoint dict, its path) or a UsageError that says what is wrong with the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; give a run directory holding ckpt.pt, or a .pt file")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"              # torch.save writes a zip archive
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if zipped else None
+    except Exception:                                    # truncated, or a zip of something else
+        ckpt = None
+    if not isinstance(ckpt, dict) or not {"model", "config", "iteration"} <= ckpt.keys():
+        what = "is damaged or incomplete (an interrupted copy?)" if zipped else "is not a checkpoint"
+        raise UsageError(f"cannot read checkpoint {path}: the file {what}. train.py writes runs/<run>/ckpt.pt "
+                         f"and best.pt; use one of those")
+    return ckpt, path
+
+
+def config_differences(saved, cfg, keys, defaults):
+    saved = {**defaults, **saved}          # settings added since the checkpoint was written: their defaults
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+
+
+# --- processes: how many, on which device ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Processes:
+    rank: int = 0             # this process, 0..world-1; rank 0 writes every file
+    world: int = 1            # processes training together (torchrun's or our own --procs)
+    device: torch.device = torch.device("cpu")
+    own: bool = False         # one of our own CPU processes (spawn_local_procs): they split one batch between
+                              # them, and their parent has checked the inputs and may have built the data
+    data: dict = None         # {split: dataset} built by that parent before it forked, else None
+
+    @property
+    def distributed(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def share(self, batch_size):
+        """This process's part of a batch: our own processes split one batch, torchrun's take one each."""
+        return batch_size // self.world if self.own else batch_size
+
+
+def local_procs(cfg):
+    """How many single-thread processes of our own this run uses (1 = this process alone)."""
+    launched = "WORLD_SIZE" in os.environ                   # torchrun, or one of our own processes
+    cpu = pick_device(cfg["device"], 0).type == "cpu"
+    cores = os.cpu_count() or 1
+    if cfg["procs"] == "auto":
+        if launched or not cpu:
+            return 1
+        # Up to 4 processes, one per core, each taking an equal share of the batch.
+        return max(n for n in range(1, min(cores, 4) + 1) if cfg["batch_size"] % n == 0)
+    if cfg["procs"] > 1 and (launched or not cpu):
+        raise UsageError(f"--procs {cfg['procs']} splits batches over processes on a CPU; "
+                         + ("under torchrun use --procs 1" if launched else "on a GPU use torchrun instead"))
+    if cfg["batch_size"] % cfg["procs"]:
+        raise UsageError(f"--procs {cfg['procs']} must divide --batch-size {cfg['batch_size']}; try --procs 1 or 2")
+    return cfg["procs"]
+
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device auto or cpu")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for, but this PyTorch has no MPS support; use --device auto or cpu")
+    return torch.device(name)
+
+
+# --- inputs: data and pretrained weights, checked before anything big starts ----------------------
+
+def check_inputs(cfg):
+    """Make sure the dataset and the pretrained weights are on disk (fetching them if allowed).
+    Every problem is collected, so a user learns about the data and the weights in one go."""
+    problems = []
+    if cfg["dataset"] != "synthetic":
+        try:
+            datasets.prepare_dataset(cfg["dataset"], cfg["data_dir"], download_ok=cfg["download"])
+        except datasets.DatasetError as error:
+            problems.append(str(error))
+    if cfg["pretrained"]:
+        try:
+            fetch_pretrained_weights(cfg["backbone"], download=cfg["download"])
+        except WeightsUnavailable as error:
+            problems.append(str(error))
+    if problems:
+        raise UsageError("\n\n".join(problems))
+
+
+# --- our own CPU processes ------------------------------------------------------------------------
+
+def spawn_local_procs(target, cfg, ckpt_path, n):
+    """target(cfg, ckpt_path) (train.run or train.evaluate_checkpoint) in n single-thread processes (ranks
+    0..n-1) on this machine, and wait for them. If one fails, the others are stopped and its error is raised
+    here, to be reported once."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:                           # a free port for the processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork where it is safe (Linux, CPU only: nothing in this process has run a tensor op or touched a
+    # GPU yet) saves every child the 3-4 s of importing torch again; spawn elsewhere.
+    fork = sys.platform == "linux" and not torch.cuda.is_initialized()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    # Forked children share the parent's memory: render the synthetic scenes once, here, with every
+    # core, instead of once in every child (n times the work). Spawned children build their own.
+    data = build_all_data(cfg, render_procs=n) if fork and cfg["dataset"] == "synthetic" else None
+    errors = ctx.SimpleQueue()
+    threads = max(1, (os.cpu_count() or 1) // n)
+    children = [ctx.Process(target=_local_proc, args=(target, cfg, ckpt_path, rank, n, port, threads, errors, data))
+                for rank in range(n)]
+    for child in children:
+        child.start()
+    try:
+        while any(c.is_alive() for c in children) and all(c.exitcode in (None, 0) for c in children):
+            time.sleep(0.1)
+    except KeyboardInterrupt:                            # Ctrl-C reaches the children too; let them stop
+        for c in children:
+            c.join()
+        raise
+    for c in children:                                   # one failed: the others would wait for it forever
+        if c.exitcode is None:
+            c.terminate()
+        c.join()
+    if not errors.empty():
+        kind, message = errors.get()
+        raise (UsageError if kind == "usage" else RunStopped)(message)
+    failed = [c.exitcode for c in children if c.exitcode]
+    if failed:
+        raise RunStopped(f"a training process stopped with exit code {failed[0]} (see its output above)")
+
+
+_OWN = {}     # set in each of our own processes by _local_proc, read by setup_processes
+
+
+def _local_proc(target, cfg, ckpt_path, rank, world, port, threads, errors, data):
+    """One of spawn_local_procs' processes: joins the group through the environment, like torchrun's."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def orphan_watch():                                  # the parent was killed: stop too, write nothing more
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=orphan_watch, daemon=True).start()
+    _OWN["data"] = data
+    try:
+        target(cfg, ckpt_path)
+    except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError) as error:
+        run_error = isinstance(error, FloatingPointError)
+        errors.put(("run" if run_error else "usage", str(error)))
+        sys.exit(1 if run_error else 2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# --- a run begins: its process group, its inputs, its baselines, its seed -------------------------
+
+def setup_processes(cfg):
+    """This process's rank, the world and its device; joins the process group when there are several."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True     # TF32 matmuls: ~8x faster on Ampere+, ample precision
+        torch.backends.cudnn.allow_tf32 = True           # the same for convolutions
+        torch.backends.cudnn.benchmark = True            # fixed crop sizes: let cuDNN pick the fastest kernels
+    return Processes(rank, world, device, own=bool(_OWN), data=_OWN.get("data"))
+
+
+def check_inputs_once(cfg, procs):
+    """check_inputs on rank 0 only (one download, not one per process); every rank gets its verdict.
+    Our own processes skip it: their parent checked before starting them."""
+    if procs.own:
+        return
+    problem = None
+    if procs.master:
+        try:
+            check_inputs(cfg)
+        except UsageError as error:
+            problem = str(error)
+    if procs.distributed:
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        raise UsageError(problem)
+
+
+def load_baselines(folder, cfg):
+    """Headline metrics of single-task runs (results.json) in `folder`, averaged per task."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        if "results.json" not in files:
+            continue
+        with open(os.path.join(root, "results.json")) as f:
+            res = json.load(f)
+        if res["config"]["dataset"] == cfg["dataset"] and len(res["config"]["tasks"]) == 1:
+            t = res["config"]["tasks"][0]
+            found.setdefault(t, []).append(res["metrics"][t])
+    missing = [t for t in cfg["tasks"] if t not in found]
+    if missing:
+        raise UsageError(f"--baselines {folder} has no single-task {cfg['dataset']} run for task(s) "
+                         f"{', '.join(missing)}; train each with e.g. `python train.py --dataset "
+                         f"{cfg['dataset']} --tasks {missing[0]} --exchange none --out-dir {folder}/{missing[0]}`")
+    return {t: {k: float(np.mean([r[k] for r in runs if isinstance(r.get(k), (int, float))]))
+                for k in runs[0] if isinstance(runs[0][k], (int, float))} for t, runs in found.items()}
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# --- --resume: the state of the loop from a checkpoint --------------------------------------------
+
+def restore_state(ckpt, path, model, optimizer, scheduler, scaler):
+    """--resume: a checkpoint's weights and everything else the loop needs to continue exactly.
+    Returns (start iteration, best score so far); a new run (ckpt None) starts at 0."""
+    if ckpt is None:
+        return 0, -math.inf
+    load_weights(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"])
+    # The schedule of this run's --max-iters: the scheduler's lambdas are this run's (a state_dict holds none).
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(ckpt["iteration"])
+    return ckpt["iteration"], ckpt["best_score"]
+
+
+def load_weights(model, ckpt, path):
+    """The checkpoint's weights into `model`, or a UsageError saying why they do not fit."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        old = any(k.endswith(("W_qr.weight", "W_q.weight")) or k.startswith("etf_features.") for k in ckpt["model"])
+        reason = ("it was written before KEM and cross-attention held their projections as the paper's D x D "
+                  "matrices, and this version cannot load it; train the run again" if old else
+                  str(error).split("\n\t")[0] + " (" + "; ".join(str(error).split("\n\t")[1:3])[:300] + ")")
+        raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --- data: a resumable, sharded stream ------------------------------------------------------------
+
+def make_loaders(cfg, procs, batch_size, start_iter):
+    """(val loader: this process's share of the val split; train batches: an endless iterator, or None
+    for --eval-only, and the sizes of both splits). The train stream starts where iteration start_iter
+    left it. The datasets are the parent's (procs.data) when our own parent built them."""
+    workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
+    data = procs.data or build_all_data(cfg)
+    val_set = data["val"]
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(val_set, range(procs.rank, len(val_set), procs.world)), batch_size=batch_size,
+        num_workers=workers, collate_fn=collate, pin_memory=pin)
+    if cfg["eval_only"]:
+        return val_loader, None, len(val_set), 0
+    train_set = data["train"]
+    step_images = batch_size * cfg["accum"] * procs.world
+    sampler = StreamSampler(len(train_set), cfg["seed"], start_iter * step_images, procs.rank, procs.world)
+    train_loader = torch.utils.data.DataLoader(
+        SeededSamples(train_set, cfg["seed"]), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0, drop_last=True)
+    return val_loader, iter(train_loader), len(val_set), len(train_set)
+
+
+def loader_workers(cfg, procs):
+    """DataLoader workers per process: none on a CPU (every core computes; loading in the process
+    costs less than the cores a worker would take away), else up to 4 of this process's cores."""
+    if cfg["workers"] is not None:
+        return cfg["workers"]
+    return 0 if procs.device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) // procs.world - 1))
+
+
+def build_all_data(cfg, render_procs=1):
+    """{split: dataset} for every split the run reads (val, and train unless --eval-only)."""
+    splits = ["val"] if cfg["eval_only"] else ["val", "train"]
+    return {split: build_data(cfg, split, render_procs) for split in splits}
+
+
+def build_data(cfg, split, render_procs=1):
+    """The dataset of `split` (train transforms for "train"); SyntheticRooms renders every scene once
+    and keeps it (~0.25 MB each)."""
+    train = split == "train"
+    num = cfg["train_samples"] if train else cfg["val_samples"]
+    return datasets.build_dataset(cfg["dataset"], split, root=cfg["data_dir"], train=train, tasks=cfg["tasks"],
+                                  seed=cfg["data_seed"], download=False, num_samples=num,
+                                  size=tuple(cfg["train_size"] if train else cfg["eval_size"]),
+                                  cache=cfg["dataset"] == "synthetic", render_procs=render_procs)
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """An endless, resumable, sharded stream of sample keys for one process.
+
+    Global position p (counting images from the start of training) lies in epoch e = p // n at
+    perm_e[p % n], where perm_e is a permutation drawn with seed + e. Process r of R takes the
+    positions p = r, r + R, r + 2R, ... (like DistributedSampler, but never-ending and able to
+    start anywhere). The key handed to the dataset is (p, index) so the augmentation can be seeded
+    from p.
+    """
+
+    def __init__(self, num_samples, seed, start, rank=0, world=1):
+        self.n, self.seed, self.start, self.rank, self.world = num_samples, seed, start, rank, world
+
+    def __iter__(self):
+        p, perm, epoch = self.start + self.rank, None, -1
+        while True:
+            if p // self.n != epoch:
+                epoch = p // self.n
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield p, int(perm[p % self.n])
+            p += self.world
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """dataset[(position, index)]: sample `index`, its random augmentation seeded from `position`."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        position, index = key
+        cpu_rng = torch.random.default_generator       # the transforms draw from the CPU generator only
+        state = cpu_rng.get_state(), np.random.get_state(), random.getstate()
+        s = (self.seed * 1_000_003 + position) % 2**63
+        # default_generator.manual_seed, not torch.manual_seed: the latter also seeds every
+        # accelerator lazily, recording a stack trace each time (0.6 ms a sample, measured).
+        cpu_rng.manual_seed(s), np.random.seed(s % 2**32), random.seed(s)
+        try:
+            return self.dataset[index]
+        finally:
+            cpu_rng.set_state(state[0]), np.random.set_state(state[1]), random.setstate(state[2])
+
+
+def collate(samples):
+    """Stack tensors; keep `meta` as a list of dicts."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "meta"}
+    batch["meta"] = [s.get("meta") for s in samples]
+    return batch
+
+
+# --- files: records, log lines, pictures, checkpoints ---------------------------------------------
+
+def start_outputs(cfg, start_iter, extra):
+    """config.json once; on resume, forget the log lines written after the checkpoint."""
+    path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    if cfg["resume"] and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["iter"] <= start_iter]
+        with open(path, "w") as f:
+            f.writelines(kept)
+    write_json(os.path.join(cfg["out_dir"], "config.json"), {**cfg, **extra})
+    return path
+
+
+def write_json(path, record):
+    with open(path, "w") as f:
+        json.dump(strict_json(record), f, indent=1, allow_nan=False)
+
+
+def strict_json(x):
+    """NaN / inf -> None, so every JSON file we write parses anywhere (json.dumps writes bare NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+
+def fmt_time(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def summary(results, delta_m=None):
+    """One line: each task's headline metric (and Δm)."""
+    parts = []
+    for t, res in results.items():
+        key = metrics.HEADLINE[t][0]
+        key = key if key in res else f"{key}_approx"
+        parts.append(f"{t} {key} {res[key]:.4f}")
+    if delta_m is not None:
+        parts.append(f"Δm {delta_m:+.2f}%")
+    return " | ".join(parts)
+
+
+def save_picture(path, batch, predictions, cfg, draw, rows=4):
+    """Image | (ground truth, prediction) per task for the first few val images, under a header.
+    draw: {task: its draw function (one prediction or target as numpy, channels, truth) -> uint8 RGB}."""
+    from PIL import Image, ImageDraw
+
+    channels = datasets.task_channels(cfg["dataset"])
+    mean, std = torch.tensor(datasets.IMAGENET_MEAN)[:, None, None], torch.tensor(datasets.IMAGENET_STD)[:, None, None]
+    lines = []
+    for i in range(min(rows, batch["image"].shape[0])):
+        image = ((batch["image"][i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        tiles = [image]
+        for t in cfg["tasks"]:
+            tiles += [draw[t](batch[t][i].numpy(), channels[t], True),
+                      draw[t](predictions[t][i].numpy(), channels[t], False)]
+        lines.append(np.concatenate(tiles, axis=1))
+    picture = Image.fromarray(np.concatenate(lines, axis=0))
+    canvas = Image.new("RGB", (picture.width, picture.height + 14), "white")
+    canvas.paste(picture, (0, 14))
+    W = batch["image"].shape[-1]
+    names = ["image"] + [f"{t} {kind}" for t in cfg["tasks"] for kind in ("truth", "pred")]
+    for col, name in enumerate(names):
+        ImageDraw.Draw(canvas).text((col * W + 2, 1), name, fill="black")
+    canvas.save(path)
+
+
+def _palette(n):
+    return np.random.default_rng(12345).integers(40, 256, size=(max(n, 1), 3), dtype=np.uint8)
+
+
+def draw_labels(x, channels, truth):
+    """(H, W) labels -> RGB, one colour a class, 255 black."""
+    rgb = _palette(channels)[np.clip(x, 0, channels - 1)]
+    rgb[x == 255] = 0
+    return rgb
+
+
+def draw_depth(x, channels, truth):
+    """(1, H, W) metres -> RGB, near yellow, far dark blue; invalid ground truth black."""
+    x = x[0]
+    valid = x > 0 if truth else np.ones_like(x, dtype=bool)      # a prediction has no invalid pixels
+    lo, hi = np.percentile(x[valid], [2, 98]) if valid.any() else (0, 1)
+    v = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+    anchors = np.array([[253, 231, 37], [94, 201, 98], [33, 145, 140], [59, 82, 139], [68, 1, 84]], float)
+    rgb = np.stack([np.interp(v, np.linspace(0, 1, 5), anchors[:, c]) for c in range(3)], -1).astype(np.uint8)
+    rgb[~valid] = 0
+    return rgb
+
+
+def draw_normals(x, channels, truth):
+    """(3, H, W) -> RGB = (n + 1) / 2; zero vectors black."""
+    n = x / np.maximum(np.sqrt((x ** 2).sum(0, keepdims=True)), 1e-6)
+    rgb = ((n.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
+    rgb[np.abs(x).sum(0) == 0] = 0
+    return rgb
+
+
+def draw_grey(x, channels, truth):
+    """(1, H, W) in [0, 1] (255 = ignored, black) -> grey RGB."""
+    grey = (np.clip(np.where(x[0] == 255, 0, x[0]), 0, 1) * 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, -1)
+
+
+def rng_states():
+    """Every generator's state, as tensors and plain Python values (so torch.load(weights_only=True) reads it)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-save leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
