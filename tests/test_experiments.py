@@ -1,4 +1,4 @@
-"""experiments.py: the pieces the results stand on, on tiny sizes.
+"""experiments.py and studies/: the pieces the results stand on, on tiny sizes.
 
 Pinned down: the paired t-interval against a hand-computed example (and the "real" verdict only when
 it excludes zero); the softmax-leak simulation (noiseless scores give the bound, k = N gives softmax);
@@ -21,6 +21,7 @@ import torch.nn as nn
 import experiments
 import metrics
 from kem_mtl import KEM, CrossTaskAttention
+from studies import ablation, distractors, leak, length, runner, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-samples", "8", "--val-samples", "4",
@@ -31,35 +32,35 @@ TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-sam
 
 def test_paired_interval_matches_a_hand_computed_example():
     """a - b = 1, 2, 2, 3: mean 2, s = sqrt(2/3), t(0.975, 3) = 3.182446, half width = t s / 2."""
-    res = experiments.paired({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 9: 7.0}, {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0})
+    res = stats.paired({0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 9: 7.0}, {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0})
     half = 3.182446305284263 * math.sqrt(2 / 3) / 2
     assert res["seeds"] == [0, 1, 2, 3], "only the seeds both rows have are paired"
     assert res["differences"] == [1.0, 2.0, 2.0, 3.0]
     assert res["mean"] == pytest.approx(2.0)
     assert res["ci95"] == pytest.approx([2 - half, 2 + half], rel=1e-9), res
     assert res["real"], "the interval [0.70, 3.30] excludes zero"
-    spans_zero = experiments.paired({0: 1.0, 1: -1.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0})
+    spans_zero = stats.paired({0: 1.0, 1: -1.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0})
     assert spans_zero["ci95"][0] < 0 < spans_zero["ci95"][1] and not spans_zero["real"]
-    assert experiments.t_interval([0.0, 0.0, 0.0])["real"] is False, "no spread at zero is not a difference"
-    assert experiments.t_interval([1.5])["ci95"] is None
+    assert stats.t_interval([0.0, 0.0, 0.0])["real"] is False, "no spread at zero is not a difference"
+    assert stats.t_interval([1.5])["ci95"] is None
 
 
 # --- the softmax leak ----------------------------------------------------------------------------
 
 def test_leak_without_noise_equals_the_bound_and_topk_removes_it():
     """Noiseless scores: softmax's mass equals the bound, top-k (k = relevant) has none; k = N is softmax."""
-    res = experiments.softmax_leak([32, 256, 2048], relevant=8, gap=2.0, noise=0.0, trials=3)
+    res = leak.softmax_leak([32, 256, 2048], relevant=8, gap=2.0, noise=0.0, trials=3)
     for bound, softmax, topk in zip(res["bound"], res["softmax"], res["topk"]):
         assert softmax == pytest.approx(bound, rel=1e-9)
         assert topk == 0.0
     assert res["softmax"] == sorted(res["softmax"]), "the leak grows with the number of tokens"
-    full = experiments.softmax_leak([64, 1024], relevant=16, k=1.0, trials=20)
+    full = leak.softmax_leak([64, 1024], relevant=16, k=1.0, trials=20)
     assert full["k_resolved"] == [64, 1024] and full["topk"] == full["softmax"]
 
 
 def test_leak_grows_with_k_at_the_models_fractions():
     """With noisy scores, k = N/64 < N/16 < N/4 < N in leaked mass at N = 4,096."""
-    leaks = [experiments.softmax_leak([4096], k=k, trials=20)["topk"][0] for k in (1 / 64, 1 / 16, 0.25, 1.0)]
+    leaks = [leak.softmax_leak([4096], k=k, trials=20)["topk"][0] for k in (1 / 64, 1 / 16, 0.25, 1.0)]
     assert leaks == sorted(leaks) and leaks[0] < leaks[-1], leaks
 
 
@@ -70,7 +71,7 @@ def test_fixed_k_hook_keeps_the_real_tokens_k_and_restores_it():
     torch.manual_seed(0)
     module = KEM(8, 4, 0.25)
     seen = {}
-    hooks = experiments.Distractors(module, 2.0, "gaussian")
+    hooks = distractors.Distractors(module, 2.0, "gaussian")
     module.register_forward_pre_hook(lambda m, args: seen.update(topk=m.topk, N=args[0].shape[1]))
     out, att = module(torch.randn(2, 12, 8), return_attention=True)
     assert seen == {"topk": 3, "N": 36}
@@ -78,7 +79,7 @@ def test_fixed_k_hook_keeps_the_real_tokens_k_and_restores_it():
     assert (att["retrieve"] > 0).sum(-1).eq(3).all(), (att["retrieve"] > 0).sum(-1)
     assert module.topk == 0.25, "restored after the call"
     hooks.remove()
-    floating = experiments.Distractors(module, 2.0, "gaussian", fix_k=False)
+    floating = distractors.Distractors(module, 2.0, "gaussian", fix_k=False)
     _, att = module(torch.randn(2, 12, 8), return_attention=True)
     assert (att["retrieve"] > 0).sum(-1).eq(9).all(), "without the fix, k grows with the distractors"
     floating.remove()
@@ -89,7 +90,7 @@ def test_other_image_distractors_are_another_images_tokens():
     B, N, D = 3, 4, 2
     F_ = (100 * torch.arange(B)[:, None, None] + torch.arange(N)[None, :, None]).float().expand(B, N, D).contiguous()
     identity = nn.Identity()
-    hooks = experiments.Distractors(identity, 2.0, "other", capture=True)
+    hooks = distractors.Distractors(identity, 2.0, "other", capture=True)
     assert torch.equal(identity(F_), F_)
     X, is_d = hooks.captured
     assert X.shape == (B, 3 * N, D) and is_d.sum() == 2 * N
@@ -105,14 +106,14 @@ def test_other_image_distractors_are_another_images_tokens():
 
 
 @pytest.mark.parametrize("make", [lambda: KEM(8, 4, 0.5), lambda: CrossTaskAttention(8)])
-@pytest.mark.parametrize("kind", experiments.KINDS)
+@pytest.mark.parametrize("kind", distractors.KINDS)
 def test_distractors_reach_the_tokens_through_an_exchange(make, kind):
     """Both exchanges' outputs change with distractors present, and keep their shape."""
     torch.manual_seed(0)
     module = make()
     x = torch.randn(2, 10, 8)
     clean = module(x)
-    experiments.Distractors(module, 2.0, kind)
+    distractors.Distractors(module, 2.0, kind)
     noisy = module(x)
     assert noisy.shape == clean.shape
     assert not torch.allclose(noisy, clean)
@@ -120,21 +121,21 @@ def test_distractors_reach_the_tokens_through_an_exchange(make, kind):
 
 def test_distractors_cannot_reach_anything_without_an_exchange():
     module = nn.Identity()
-    experiments.Distractors(module, 4.0, "other")
+    distractors.Distractors(module, 4.0, "other")
     x = torch.randn(2, 10, 8)
     assert torch.equal(module(x), x)
 
 
 def test_probe_auc_separates_what_is_separable_and_not_the_rest():
     """AUC by ranks on a hand example; a linear probe gets about 1 on shifted tokens and about 0.5 on identical ones."""
-    assert experiments.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert distractors.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     g = torch.Generator().manual_seed(0)
     X = torch.randn(800, 8, generator=g, dtype=torch.float64)
     y = torch.arange(800) % 2 == 1
     split = torch.arange(800) < 400
-    assert experiments.linear_probe_auc(X, y, split) == pytest.approx(0.5, abs=0.08)
+    assert distractors.linear_probe_auc(X, y, split) == pytest.approx(0.5, abs=0.08)
     X[y, 0] += 4.0
-    assert experiments.linear_probe_auc(X, y, split) > 0.97
+    assert distractors.linear_probe_auc(X, y, split) > 0.97
 
 
 # --- selection diagnostics ---------------------------------------------------------------------------
@@ -146,13 +147,13 @@ def test_jaccard_and_task_share_on_hand_made_attention():
     for b, sets in enumerate([[(0, 1), (0, 1), (4, 5)], [(1, 2), (2, 3), (3, 4)]]):
         for slot, tokens in enumerate(sets):
             A[b, slot, list(tokens)] = torch.tensor([0.7, 0.3])
-    jaccard, share, weight = experiments.selection_stats(A, num_tasks=2)
+    jaccard, share, weight = ablation.selection_stats(A, num_tasks=2)
     assert jaccard.tolist() == pytest.approx([1 / 3, 2 / 9])
     assert share[0].tolist() == [[1, 0], [1, 0], [0, 1]]
     assert share[1].tolist() == [[1, 0], [1, 0], [0.5, 0.5]]
     assert weight[1, 2].tolist() == pytest.approx([0.7, 0.3]), "attention mass per task"
     with pytest.raises(ValueError, match="task blocks"):
-        experiments.selection_stats(A, num_tasks=3)
+        ablation.selection_stats(A, num_tasks=3)
 
 
 
@@ -164,7 +165,7 @@ def test_selection_is_compared_paired_by_seed_between_rows_of_the_same_k(tmp_pat
     records = {("kem", 0): sel(0.8, 0.6), ("kem", 1): sel(0.6, 0.7), ("kem", 2): sel(0.7, 0.5),
                ("kem+etf slots", 0): sel(0.3, 0.5), ("kem+etf slots", 1): sel(0.4, 0.6),
                ("kem k=N", 0): sel(1.0, 0.5, k=16), ("none", 0): {"selection": None}}
-    out = experiments.selection_report(records, tmp_path)
+    out = ablation.selection_report(records, tmp_path)
     assert [r["config"] for r in out["rows"]] == ["kem", "kem k=N", "kem+etf slots"]
     by_measure = {c["measure"]: c for c in out["paired"]}
     assert set(by_measure) == {"jaccard", "max_task_share"} and all(c["a"] == "kem+etf slots" for c in out["paired"])
@@ -191,25 +192,25 @@ def test_a_recorded_run_is_not_run_again(tmp_path):
     """First call: launches and writes the records; second call (also with runs/ gone): launches nothing;
     the time estimate of a further run of the row is its recorded median; a record with other flags is an error."""
     calls = []
-    ctx = experiments.Context(results=tmp_path / "results", runs=tmp_path / "runs", jobs=2,
+    ctx = runner.Context(results=tmp_path / "results", runs=tmp_path / "runs", jobs=2,
                               launch=_fake_launch(calls), log=lambda m: None)
-    plan = [experiments.Run("ablation", "single-task depth", s, ["--tasks", "depth", "--seed", str(s)]) for s in (0, 1)]
-    experiments.execute(plan, ctx)
+    plan = [runner.Run("ablation", "single-task depth", s, ["--tasks", "depth", "--seed", str(s)]) for s in (0, 1)]
+    runner.execute(plan, ctx)
     assert len(calls) == 2
     rec = json.loads(plan[1].record_path(ctx.results).read_text())
     assert rec["config"] == "single-task depth" and rec["seed"] == 1 and rec["metrics"] == {"depth": {"rmse": 1.0}}
     assert rec["history"] == [{"iter": 2, "exact_edges": None, "headline": {"depth": 1.0}}]
     import shutil
     shutil.rmtree(ctx.runs)
-    experiments.execute(plan, ctx)
+    runner.execute(plan, ctx)
     assert len(calls) == 2, "recorded runs ran again"
-    later = experiments.Run("ablation", "single-task depth", 2, ["--tasks", "depth", "--seed", "2"])
+    later = runner.Run("ablation", "single-task depth", 2, ["--tasks", "depth", "--seed", "2"])
     runner_s = [json.loads(r.record_path(ctx.results).read_text())["runner_wall_s"] for r in plan]
-    assert experiments.estimate_seconds(later, experiments.load_records(ctx.results, "ablation")) == \
+    assert runner.estimate_seconds(later, runner.load_records(ctx.results, "ablation")) == \
         (pytest.approx(sum(runner_s) / 2), "recorded"), "the estimate comes from the recorded wall times"
-    changed = [experiments.Run("ablation", "single-task depth", 0, ["--tasks", "depth", "--seed", "0", "--dim", "8"])]
+    changed = [runner.Run("ablation", "single-task depth", 0, ["--tasks", "depth", "--seed", "0", "--dim", "8"])]
     with pytest.raises(RuntimeError, match="other flags"):
-        experiments.execute(changed, ctx)
+        runner.execute(changed, ctx)
 
 
 def test_commit_commits_the_record_and_nothing_else(tmp_path):
@@ -226,7 +227,7 @@ def test_commit_commits_the_record_and_nothing_else(tmp_path):
     record = tmp_path / "results" / "runs" / "ablation" / "kem" / "seed0.json"
     record.parent.mkdir(parents=True)
     record.write_text("{}")
-    experiments.commit_record(record, "results: ablation kem seed 0", repo=tmp_path)
+    runner.commit_record(record, "results: ablation kem seed 0", repo=tmp_path)
     assert git("show", "--name-only", "--format=%s", "HEAD").split() == \
         ["results:", "ablation", "kem", "seed", "0", "results/runs/ablation/kem/seed0.json"]
     assert "A  other.txt" in git("status", "--porcelain")
@@ -240,7 +241,7 @@ def tiny_ablation(tmp_path_factory):
     base = tmp_path_factory.mktemp("ablation")
     argv = ["--tasks", "depth,sal", "--rows", "none", "kem", "--seeds", "0", "--max-iters", "2", "--eval-interval", "1",
             "--results", str(base / "results"), "--runs", str(base / "runs"), "--", *TINY]
-    report = experiments.ablation(argv)
+    report = ablation.main(argv)
     return base, argv, report
 
 
@@ -249,7 +250,7 @@ def test_a_tiny_ablation_writes_records_and_tables(tiny_ablation, monkeypatch):
     figures; a rerun trains nothing."""
     base, argv, report = tiny_ablation
     results = base / "results"
-    records = experiments.load_records(results, "ablation")
+    records = runner.load_records(results, "ablation")
     assert set(records) == {("single-task depth", 0), ("single-task sal", 0), ("none", 0), ("kem", 0)}
     kem = records["kem", 0]
     assert "--procs" in kem["flags"] and len(kem["history"]) == 2
@@ -266,18 +267,18 @@ def test_a_tiny_ablation_writes_records_and_tables(tiny_ablation, monkeypatch):
     for name in ("ablation.json", "ablation.md", "comparisons.json", "comparisons.md", "learning_curve.png",
                  "selection.json", "selection.md", "selection.png"):
         assert (results / name).exists(), name
-    monkeypatch.setattr(experiments, "launch", lambda *a: pytest.fail("a recorded run was launched again"))
-    experiments.ablation(argv)
+    monkeypatch.setattr(runner, "perform", lambda *a: pytest.fail("a recorded run was performed again"))
+    ablation.main(argv)
 
 
 def test_a_tiny_distractor_experiment_evaluates_and_trains(tiny_ablation):
     """Evaluates the ablation's kem checkpoint with other-image distractors and trains one with them."""
     base, _, _ = tiny_ablation
     results = base / "results"
-    out = experiments.distractors(["--tasks", "depth,sal", "--exchanges", "kem", "--kinds", "other", "--ratios", "1",
+    out = distractors.main(["--tasks", "depth,sal", "--exchanges", "kem", "--kinds", "other", "--ratios", "1",
                                    "--seeds", "0", "--max-iters", "2", "--eval-interval", "1",
                                    "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
-    recs = experiments.load_records(results, "distractors")
+    recs = runner.load_records(results, "distractors")
     assert set(recs) == {("test-time kem other x1", 0), ("trained kem other x1", 0)}
     probe = recs["test-time kem other x1", 0]["probe"]
     assert 0 <= probe["auc_token"] <= 1 and probe["images"] == 4
@@ -290,9 +291,9 @@ def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(
     """kem and none at 4 steps beside the ablation's 2-step runs of the same seed; kem − none per length."""
     base, _, _ = tiny_ablation
     results = base / "results"
-    out = experiments.length(["--tasks", "depth,sal", "--seeds", "0", "--lengths", "4", "--eval-interval", "2",
+    out = length.main(["--tasks", "depth,sal", "--seeds", "0", "--lengths", "4", "--eval-interval", "2",
                               "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
-    assert set(experiments.load_records(results, "length")) == {("kem 4 steps", 0), ("none 4 steps", 0)}
+    assert set(runner.load_records(results, "length")) == {("kem 4 steps", 0), ("none 4 steps", 0)}
     assert sorted((r["row"], r["steps"]) for r in out["runs"]) == [("kem", 2), ("kem", 4), ("none", 2), ("none", 4)]
     dm = {(r["row"], r["steps"]): r["delta_m"] for r in out["runs"]}
     assert [d["steps"] for d in out["differences"]] == [2, 4]

@@ -83,10 +83,21 @@ def requirements(path):
     return names
 
 
+def _module_files(base, parts):
+    """The files importing module `parts` (a dotted name, split) from folder `base` runs: each package's
+    __init__.py on the way down and the module itself (name.py, or a package's __init__.py)."""
+    files = []
+    for i in range(1, len(parts) + 1):
+        stem = base.joinpath(*parts[:i])
+        files += [f for f in (stem.with_suffix(".py"), stem / "__init__.py") if f.is_file()]
+    return files
+
+
 @functools.cache
 def third_party_imports(script):
     """{top-level module: the file importing it} for every module `script` can import that is neither
-    the standard library nor one of the project's files (which are followed, transitively)."""
+    the standard library nor one of the project's files (which are followed, transitively: modules
+    beside the script or at the root, and the modules of the project's packages such as studies/)."""
     found, seen, todo = {}, set(), [Path(script)]
     while todo:
         path = todo.pop()
@@ -96,14 +107,21 @@ def third_party_imports(script):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
+            elif isinstance(node, ast.ImportFrom) and node.level > 0:      # `from . import x` in a package
+                base = path.parents[node.level - 1]
+                module = node.module.split(".") if node.module else []
+                todo += _module_files(base, module) if module else []
+                todo += [f for alias in node.names for f in _module_files(base, [*module, alias.name])]
+                continue
+            elif isinstance(node, ast.ImportFrom):                          # the module, or a submodule named
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             else:
                 continue
-            for top in (name.split(".")[0] for name in names):
-                local = [d / f"{top}.py" for d in (Path(script).parent, ROOT) if (d / f"{top}.py").is_file()]
-                if local:
-                    todo.append(local[0])
+            for parts in (name.split(".") for name in names):
+                top = parts[0]
+                bases = [d for d in (Path(script).parent, ROOT) if _module_files(d, [top])]
+                if bases:
+                    todo += _module_files(bases[0], parts)
                 elif top not in sys.stdlib_module_names:
                     found.setdefault(top, path.relative_to(ROOT).as_posix())
     return found
