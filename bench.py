@@ -9,7 +9,7 @@
     python bench.py --help        # every benchmark this file holds
 
 Each benchmark is a function `bench_<name>(args)` registered in BENCHES at the bottom; it prints
-a table and returns its rows so other scripts (and the README's tables) can reuse them.
+a table and returns its rows so other scripts (and the tables in docs/PERFORMANCE.md) can reuse them.
 """
 import argparse
 import os

@@ -18,7 +18,7 @@ Every dataset returns, for ``dataset[i]`` with no transform, a dict (H, W = orig
 Only the tasks asked for (``tasks=None``: all of ``task_channels(name)``) are read. After a transform
 the format is the same, except that ``image`` is ImageNet-normalised and maps have the crop / pad size.
 
-Label conventions (REFERENCE §4, facts from the MTI-Net and InvPT loaders):
+Label conventions (facts from the MTI-Net and InvPT loaders):
   NYUD     segmentation PNG value 0 = unlabelled -> 255, 1..40 -> 0..39; depth 0 = invalid;
            normals zero vector = invalid; edges binary at 0.5. Packaging B ("NYUD_MT": jpg images,
            npy depth / normals / edges) and C ("NYUDv2": png images, normals PNG decoded 2x/255 - 1,
@@ -145,7 +145,7 @@ CHECKSUMS = {"NYUD_MT.tgz": {"size": None, "sha256": None}, "PASCAL_MT.tgz": {"s
 SPLIT_SIZES = {"nyud": {"train": 795, "val": 654}, "pascal": {"train": 4998, "val": 5105}}
 
 # PASCAL-Context LabelMap classes on which the distilled normals are kept (classes NYUD also has, plus
-# tvmonitor): the list the MTI-Net loader derives from its class tables (REFERENCE §4).
+# tvmonitor): the list the MTI-Net loader derives from its class tables.
 PASCAL_NORMALS_CLASSES = np.array("""
 3 4 6 9 10 11 13 15 17 18 22 23 29 30 33 34 36 37 38 39 41 43 46 49 50 51 53 55 56 59 61 62
 65 66 68 69 72 73 78 83 84 85 87 88 95 96 101 104 105 107 111 113 115 122 124 135 141 142

@@ -1,4 +1,4 @@
-"""Evaluation metrics for multi-task dense prediction, and the multi-task gain Δm (REFERENCE §5).
+"""Evaluation metrics for multi-task dense prediction, and the multi-task gain Δm.
 
 The paper (Zhang et al., arXiv 2410.03778) reports NYUD-v2 and PASCAL-Context results with the
 field's per-task metrics and Δm. This file computes all of them in Python, including the edge
@@ -65,7 +65,7 @@ Notes:
   in iou_per_class and is left out of mIoU; a class only predicted, or only in the target, counts 0.
 - The edge counts follow the benchmark's structure, not its code: BSDS' correspondPixels solves a
   min-cost assignment with outlier costs, we solve maximum cardinality, which agrees with it almost
-  exactly (REFERENCE §5). The ground truth is used as given (the benchmark thins only predictions).
+  exactly. The ground truth is used as given (the benchmark thins only predictions).
   The BSDS scripts also interpolate P and R between neighbouring thresholds when searching the best
   F; we report the plain maximum. Our neighbour orientation for the thinning (x3 = the pixel above)
   is not verified against MATLAB; a mirrored convention can move a skeleton by a pixel in places.

@@ -1,4 +1,4 @@
-"""datasets.py: the real loaders follow REFERENCE §4 value by value, downloads never leave a broken tree,
+"""datasets.py: the real loaders follow the field's label conventions value by value, downloads never leave a broken tree,
 and the transforms keep every label consistent with the image.
 
 Pinned down, without network and without the real data:
@@ -1006,7 +1006,7 @@ def test_task_channels_and_class_names_answer_for_every_name():
     assert D.task_channels("synthetic") == synthetic.TASKS and D.class_names("synthetic") == synthetic.CLASS_NAMES
     for name in D.NAMES:                                            # semseg head width = number of classes
         assert D.task_channels(name)["semseg"] == len(D.class_names(name)), name
-    assert (len(D.class_names("nyud")), len(D.class_names("pascal"))) == (40, 21)   # REFERENCE §4
+    assert (len(D.class_names("nyud")), len(D.class_names("pascal"))) == (40, 21)
     heads, names = D.task_channels("synthetic"), D.class_names("synthetic")
     heads["semseg"], names[0] = -1, "changed"                       # callers get copies
     assert D.task_channels("synthetic") == synthetic.TASKS and D.class_names("synthetic")[0] != "changed"

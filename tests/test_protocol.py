@@ -112,7 +112,7 @@ def _pascal_sample(rng, H, W, person):
 
 def anno_struct(objects):
     """A Pascal-Part `anno` struct as scipy writes it: objects = [(class name, class index, mask, parts)],
-    parts = [(part name, mask)]; read back as anno[0][0][1][0] = objects (REFERENCE §4)."""
+    parts = [(part name, mask)]; read back as anno[0][0][1][0] = objects (the MTI-Net loader's reading)."""
     objs = np.zeros((1, len(objects)), dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
     for k, (name, index, mask, parts) in enumerate(objects):
         p = np.zeros((0, 0))

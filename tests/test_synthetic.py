@@ -39,7 +39,7 @@ def render(split, seed, index, size):
 
 
 def angles_deg(a, b):
-    """Angle between unit vectors a, b (3, ...), stable near 0 and 180 degrees (REFERENCE §5)."""
+    """Angle between unit vectors a, b (3, ...), stable near 0 and 180 degrees."""
     return np.degrees(2 * np.arctan2(np.linalg.norm(a - b, axis=0), np.linalg.norm(a + b, axis=0)))
 
 
