@@ -15,8 +15,9 @@
 How long, on 2 cores with --jobs 2 (two one-thread runs side by side): a kem run of 1,500 steps took
 296-420 s on the project's 2-core machine (its speed drifts), and the ablation's 85 runs took 11.6
 run-hours, about 6 h of the machine; the distractors take about 1.5-2 h after it, length 5.4
-run-hours (about 2.8 h; 20 runs of 10-21 min), leak about a minute. --dry-run re-estimates from the
-records' own wall times (records marked with a "note" shared the machine with other work).
+run-hours (about 2.8 h; 20 runs of 10-21 min), imbalance 20 runs as long as the ablation's kem rows (plus
+about a minute for its class shares), leak about a minute. --dry-run re-estimates from the records' own
+wall times (records marked with a "note" shared the machine with other work).
 
 Records [ours]. Every finished run leaves one small JSON file, results/runs/<experiment>/<config>/
 seed<k>.json: its flags, every task's full metric dict, speed, wall time, the eval history (for
