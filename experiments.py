@@ -6,6 +6,8 @@
     python experiments.py distractors           # distractor tokens, k fixed from the real tokens, probe AUC
     python experiments.py length                # kem and none trained 2x and 4x longer, 5 seeds: do the metrics
                                                 # level off, does kem − none move with the length?
+    python experiments.py imbalance             # kem and its ETF variants on an imbalanced training split, 5 seeds:
+                                                # tail-class IoU, Δm and the selection's stability
     python experiments.py <name> --dry-run      # the plan: runs, how many are recorded, rough time
     python experiments.py <name> --tables-only  # rebuild the tables from the records alone
     python experiments.py <name> --help         # the knobs of each
@@ -13,8 +15,9 @@
 How long, on 2 cores with --jobs 2 (two one-thread runs side by side): a kem run of 1,500 steps took
 296-420 s on the project's 2-core machine (its speed drifts), and the ablation's 85 runs took 11.6
 run-hours, about 6 h of the machine; the distractors take about 1.5-2 h after it, length 5.4
-run-hours (about 2.8 h; 20 runs of 10-21 min), leak about a minute. --dry-run re-estimates from the
-records' own wall times (records marked with a "note" shared the machine with other work).
+run-hours (about 2.8 h; 20 runs of 10-21 min), imbalance 20 runs as long as the ablation's kem rows (plus
+about a minute for its class shares), leak about a minute. --dry-run re-estimates from the records' own
+wall times (records marked with a "note" shared the machine with other work).
 
 Records [ours]. Every finished run leaves one small JSON file, results/runs/<experiment>/<config>/
 seed<k>.json: its flags, every task's full metric dict, speed, wall time, the eval history (for
@@ -36,6 +39,9 @@ What the paper claims [paper] and how it is tested here [ours]:
    tokens, and Gaussian noise), and probes how easy they are to tell apart.
 3. sKEM stabilises the slots' selection. `ablation` measures which tokens the slots select on the
    val set (overlap of their top-k sets; each slot's share of tokens per task).
+   sKEM is motivated by KEM's sensitivity to imbalanced data. `imbalance` trains kem and its ETF
+   variants on a training split with rare classes (val unchanged) and follows each slot's top-k set on
+   fixed val images from one evaluation to the next.
 4. KEM's cost is linear in the tokens, cross-attention's quadratic: bench.py, not here.
 Run length [ours]: the ablation's runs are the default run's 1,500 steps, where the val metrics are
 still rising. `length` trains kem and none for 3,000 and 6,000 steps to show whether they level off
@@ -48,14 +54,17 @@ Where the code is (studies/, one module per experiment, its logic and its report
     studies/leak.py         the one-query softmax / top-k simulation
     studies/distractors.py  the distractor hooks, the linear probe, the hidden `_distract` command
     studies/length.py       the longer runs and the paired kem − none per length
+    studies/imbalance.py    the imbalanced split, the hidden `_imbalance` command, the stability of the selection
 Each module's docstring gives the experiment's design and its notes in full.
 """
 import sys
 
-from studies import ablation, distractors, leak, length
+from studies import ablation, distractors, imbalance, leak, length
 
 EXPERIMENTS = {"ablation": ablation.main, "leak": leak.main, "distractors": distractors.main, "length": length.main,
-               "_distract": distractors.train_with_distractors}    # _distract: the train.py processes of `distractors`
+               "imbalance": imbalance.main,
+               # hidden: the train.py processes of `distractors` and `imbalance`; they return its exit code
+               "_distract": distractors.train_with_distractors, "_imbalance": imbalance.train_imbalanced}
 
 
 def main(argv=None):
@@ -69,8 +78,8 @@ def main(argv=None):
         print(f"experiments.py: there is no experiment {argv[0]!r}; the experiments are {names} "
               "(`python experiments.py` describes each).", file=sys.stderr)
         return 2
-    if argv[0] == "_distract":                   # a train.py process with distractors: its exit code
-        return distractors.train_with_distractors(argv[1:])
+    if argv[0].startswith("_"):                  # a train.py process (with distractors, on the imbalanced split)
+        return EXPERIMENTS[argv[0]](argv[1:])
     EXPERIMENTS[argv[0]](argv[1:])
     return 0
 

@@ -840,6 +840,9 @@ class SyntheticRooms(torch.utils.data.Dataset):
             share the cache's pages.
         render_procs: with cache, render in this many processes started by fork (Linux; elsewhere
             one): the same arrays, in about 1 / render_procs of the time.
+        edit_scene: None, or a picklable callable (scene, rng) -> scene applied to every sampled scene
+            before it is rendered (e.g. studies/imbalance.py's rare classes). Its rng is a stream of its
+            own for (seed, split, i), so the scene's other draws and the sensor noise are unchanged.
 
     dataset[i] (no transform): {"image": float32 (3, H, W) in [0, 1], "semseg": int64 (H, W),
     "depth": float32 (1, H, W) metres, 0 = invalid, "normals": float32 (3, H, W) unit or zero,
@@ -849,7 +852,7 @@ class SyntheticRooms(torch.utils.data.Dataset):
     """
 
     def __init__(self, split, num_samples, size=(96, 128), seed=0, tasks=None, transform=None, *, cache=False,
-                 render_procs=1):
+                 render_procs=1, edit_scene=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
@@ -879,8 +882,10 @@ class SyntheticRooms(torch.utils.data.Dataset):
             raise ValueError(f"cache must be True or False, got {cache!r}")
         if isinstance(render_procs, bool) or not isinstance(render_procs, int) or render_procs < 1:
             raise ValueError(f"render_procs must be an int >= 1, got {render_procs!r}")
+        if edit_scene is not None and not callable(edit_scene):
+            raise ValueError(f"edit_scene must be callable or None, got {type(edit_scene).__name__}")
         self.split, self.num_samples, self.size = split, int(num_samples), (H, W)
-        self.seed, self.tasks, self.transform = int(seed), tasks, transform
+        self.seed, self.tasks, self.transform, self.edit_scene = int(seed), tasks, transform, edit_scene
         self._cache = self._render_all(render_procs) if cache else None
 
     def _render_all(self, procs):
@@ -910,8 +915,17 @@ class SyntheticRooms(torch.utils.data.Dataset):
 
     def scene(self, i):
         """The scene description of sample i (room, camera, light, objects, decals, person, holes):
-        the dict sample_scene draws, before any rendering."""
-        return sample_scene(self._rng(self._index(i)))
+        the dict sample_scene draws (and edit_scene changes), before any rendering."""
+        return self._scene(self._index(i))[0]
+
+    def _scene(self, i):
+        """(scene, rng): the scene of sample i and its generator, left where the sensor noise starts."""
+        rng = self._rng(i)
+        scene = sample_scene(rng)
+        if self.edit_scene is not None:     # a stream of its own: spawn key (split, i, 1), never a scene's
+            own = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_SPLIT_KEY[self.split], i, 1)))
+            scene = self.edit_scene(scene, own)
+        return scene, rng
 
     def render(self, i):
         """Sample i as numpy arrays: every task plus the camera, whatever `tasks` says.
@@ -923,8 +937,7 @@ class SyntheticRooms(torch.utils.data.Dataset):
         (3,) metres. Back-projection of pixel (u, v) with depth z: X_cv = z K^-1 (u, v, 1); the
         normals' frame is that of X_cv with z negated.
         """
-        rng = self._rng(self._index(i))
-        scene = sample_scene(rng)
+        scene, rng = self._scene(self._index(i))
         return _render(scene, *self.size, rng)
 
     def _compact(self, arrays):
@@ -952,7 +965,8 @@ class SyntheticRooms(torch.utils.data.Dataset):
 
     def __repr__(self):
         return (f"SyntheticRooms(split={self.split!r}, num_samples={self.num_samples}, size={self.size}, "
-                f"seed={self.seed}, tasks={self.tasks}, cache={self._cache is not None})")
+                f"seed={self.seed}, tasks={self.tasks}, cache={self._cache is not None}"
+                + (f", edit_scene={self.edit_scene!r}" if self.edit_scene is not None else "") + ")")
 
 
 # ------------------------------------------------------------------------------------------------
