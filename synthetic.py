@@ -1,10 +1,9 @@
 """SyntheticRooms: a procedural, offline multi-task dataset in which every label comes from one 3-D scene.
 
-Why it exists. The real benchmarks (NYUD-v2, PASCAL-Context; REFERENCE.md §4) are downloads of
-several gigabytes. This dataset is the offline default of `python train.py`: it needs nothing but
-numpy, and it is built so that multi-task learning has something to share. Depth, surface normals,
-classes, edges, saliency and human parts are all computed from the same ray-cast scene, and the
-image is formed from that scene in a way that makes every task need more than colour.
+Why it exists. The real benchmarks (NYUD-v2, PASCAL-Context) are downloads of several gigabytes.
+This dataset needs nothing but numpy, and it is built so that multi-task learning has something to
+share: depth, surface normals, classes, edges, saliency and human parts all come from the same
+ray-cast scene, and the image is formed from it so that every task needs more than colour.
 
 The scene (all units are metres, world frame x, y horizontal, z up):
 
@@ -44,17 +43,15 @@ horizontal flip of the image negates n_x (which is what the datasets.py transfor
 
 Image formation (every cue that makes the tasks depend on geometry, not colour alone):
 
-    albedo   textures defined in world (or object) coordinates in metres: checker tiles, stripes,
-             wavy grain, blotches. Projected through the pinhole they shrink with distance and
-             squash with slant (foreshortening encodes depth and orientation).
+    albedo   textures in world (or object) coordinates in metres: checker tiles, stripes, wavy grain,
+             blotches, which shrink with distance and squash with slant through the pinhole.
              Colour palettes overlap on purpose: a beige box on a beige wall is common.
     shading  I = albedo * (a * (3 + n_z) / 4 + (1 - a) * max(0, n . L)): a hemisphere ambient term
              a plus a Lambertian directional light L from a random direction above, so planes of
              different orientation get different brightness.
     fog      I = I * exp(-sigma * depth) + c_fog * (1 - exp(-sigma * depth)): depth is visible in contrast.
     camera   auto-exposure to a random mean level, white balance, vignetting, zero-mean sensor
-             noise, clip to [0, 1], quantise to 8 bits (as real images are; it also makes the
-             optional cache lossless).
+             noise, clip to [0, 1], quantise to 8 bits (as real images are; the cache is lossless).
 
 Invalid depth like a Kinect's: a few elliptic holes, and projector shadows, the strip of far surface
 just left of a near object that the sensor's projector (assumed to the camera's right, baseline b)
@@ -62,11 +59,10 @@ cannot see, f * b * (1/z_near - 1/z_far) pixels wide. Depth is 0 and normals are
 edges and parts are still labelled.
 
 Determinism: sample i of (seed, split) is drawn from numpy.random.default_rng(SeedSequence(seed,
-spawn_key=(split_key, i))), so it is a pure function of (seed, split, i): no state between calls,
-identical in any DataLoader worker. train and val use different spawn keys, i.e. independent
-streams: they never share a scene. All scene parameters are drawn before anything that depends on
-the image size, so the same (seed, split, i) is the same room at every resolution (only the
-sensor noise differs).
+spawn_key=(split_key, i))): a pure function of (seed, split, i), identical in any DataLoader worker.
+train and val use different spawn keys (independent streams: they never share a scene). All scene
+parameters are drawn before anything that depends on the image size, so the same (seed, split, i) is
+the same room at every resolution (only the sensor noise differs).
 
 Use:
 
@@ -78,18 +74,14 @@ Use:
     python synthetic.py out.png     # a grid of a few samples with all their labels (needs matplotlib)
 
 Speed: vectorised numpy; each primitive is ray-cast only inside the screen rectangle its bounding
-box projects to. `python bench.py data` prints samples per second on one core.
+box projects to.
 
 Notes:
     - NYUD's normal convention is not documented with the MTI-Net files. We follow the NYU Depth
       toolkit colouring as other datasets describe it (red = right, green = down, blue = towards the
-      camera). If the real files disagree, this is where to change it: `_to_output_frame`. A quick
-      check on real data: floor pixels should have n_y < 0 here.
-    - Shadows (cast by the light) and inter-reflections are not rendered; the light only shades.
-    - Decal textures are painted where the decal's rectangle meets its host surface; an object in
-      front of a decal occludes it as usual.
-    - Edges are computed at pixel resolution from the instance map; no sub-pixel anti-aliasing of
-      any label or of the image.
+      camera); if the real files disagree, change `_to_output_frame` (on real data, floors: n_y < 0).
+    - Shadows and inter-reflections are not rendered (the light only shades); decals are painted where
+      their rectangle meets the host surface; labels and image are not anti-aliased below a pixel.
 """
 import functools
 import math
@@ -104,8 +96,7 @@ import torch
 # Public names
 
 CLASS_NAMES = ["wall", "floor", "ceiling", "box", "ball", "cylinder", "picture", "mat", "door", "person"]
-# Seven entries like PASCAL's merged human-parts table (REFERENCE.md §4), so models sized for PASCAL
-# parts fit this dataset unchanged.
+# Seven entries like PASCAL's merged human-parts table, so models sized for PASCAL parts fit unchanged.
 PART_NAMES = ["background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg"]
 TASKS = {"semseg": len(CLASS_NAMES), "depth": 1, "normals": 3, "edge": 1, "sal": 1, "parts": len(PART_NAMES)}
 SPLITS = ("train", "val")
@@ -125,13 +116,11 @@ _MIN_SIZE = 8
 
 # sRGB-ish reflectances in [0, 1]. Class palettes below overlap on purpose.
 _COLOURS = {
-    "white": (0.92, 0.92, 0.90), "cream": (0.93, 0.87, 0.74), "beige": (0.80, 0.72, 0.58),
+    "white": (0.92, 0.92, 0.90), "cream": (0.93, 0.87, 0.74), "beige": (0.80, 0.72, 0.58), "black": (0.10, 0.10, 0.11),
     "light grey": (0.70, 0.70, 0.72), "grey": (0.50, 0.50, 0.52), "dark grey": (0.28, 0.28, 0.30),
-    "tan": (0.72, 0.55, 0.38), "brown": (0.50, 0.33, 0.20), "dark brown": (0.30, 0.20, 0.12),
-    "red": (0.70, 0.18, 0.15), "orange": (0.90, 0.50, 0.15), "yellow": (0.90, 0.80, 0.30),
-    "green": (0.30, 0.55, 0.30), "sage": (0.60, 0.68, 0.55), "blue": (0.20, 0.35, 0.70),
-    "pale blue": (0.65, 0.75, 0.85), "navy": (0.12, 0.15, 0.35), "pink": (0.85, 0.60, 0.65),
-    "black": (0.10, 0.10, 0.11),
+    "tan": (0.72, 0.55, 0.38), "brown": (0.50, 0.33, 0.20), "dark brown": (0.30, 0.20, 0.12), "red": (0.70, 0.18, 0.15),
+    "orange": (0.90, 0.50, 0.15), "yellow": (0.90, 0.80, 0.30), "green": (0.30, 0.55, 0.30), "sage": (0.60, 0.68, 0.55),
+    "blue": (0.20, 0.35, 0.70), "pale blue": (0.65, 0.75, 0.85), "navy": (0.12, 0.15, 0.35), "pink": (0.85, 0.60, 0.65),
     "skin 1": (0.90, 0.72, 0.60), "skin 2": (0.72, 0.52, 0.38), "skin 3": (0.42, 0.28, 0.20),
 }
 _PALETTE = {
@@ -840,9 +829,8 @@ class SyntheticRooms(torch.utils.data.Dataset):
             share the cache's pages.
         render_procs: with cache, render in this many processes started by fork (Linux; elsewhere
             one): the same arrays, in about 1 / render_procs of the time.
-        edit_scene: None, or a picklable callable (scene, rng) -> scene applied to every sampled scene
-            before it is rendered (e.g. studies/imbalance.py's rare classes). Its rng is a stream of its
-            own for (seed, split, i), so the scene's other draws and the sensor noise are unchanged.
+        edit_scene: None, or a picklable callable (scene, rng) -> scene applied to every scene before it is
+            rendered; its rng is a stream of its own, so the scene's other draws and the noise stay as they are.
 
     dataset[i] (no transform): {"image": float32 (3, H, W) in [0, 1], "semseg": int64 (H, W),
     "depth": float32 (1, H, W) metres, 0 = invalid, "normals": float32 (3, H, W) unit or zero,
@@ -964,9 +952,9 @@ class SyntheticRooms(torch.utils.data.Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
     def __repr__(self):
+        edit = f", edit_scene={self.edit_scene!r}" if self.edit_scene is not None else ""
         return (f"SyntheticRooms(split={self.split!r}, num_samples={self.num_samples}, size={self.size}, "
-                f"seed={self.seed}, tasks={self.tasks}, cache={self._cache is not None}"
-                + (f", edit_scene={self.edit_scene!r}" if self.edit_scene is not None else "") + ")")
+                f"seed={self.seed}, tasks={self.tasks}, cache={self._cache is not None}{edit})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -977,10 +965,9 @@ def colourise(arrays):
     import matplotlib.cm as cm
 
     cls = cm.tab10(arrays["semseg"] % 10)[..., :3]
-    d = arrays["depth"][0]
+    d, p = arrays["depth"][0], arrays["parts"]
     depth = cm.viridis(d / max(d.max(), 1e-6))[..., :3] * (d > 0)[..., None]
-    normals = (arrays["normals"].transpose(1, 2, 0) + 1) / 2 * (arrays["depth"][0] > 0)[..., None]
-    p = arrays["parts"]
+    normals = (arrays["normals"].transpose(1, 2, 0) + 1) / 2 * (d > 0)[..., None]
     parts = np.where((p == IGNORE)[..., None], 0.5, cm.Set1(p % 9)[..., :3] * (p > 0)[..., None])
     grey = lambda m: np.repeat(m[0][..., None], 3, axis=2)
     return {"image": arrays["image"].transpose(1, 2, 0), "semseg": cls, "depth": depth, "normals": normals,
@@ -992,8 +979,7 @@ def main(argv):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = argv[0] if argv else "synthetic.png"
-    num = int(argv[1]) if len(argv) > 1 else 4
+    out, num = argv[0] if argv else "synthetic.png", int(argv[1]) if len(argv) > 1 else 4
     size = (int(argv[2]), int(argv[3])) if len(argv) > 3 else (96, 128)
     ds = SyntheticRooms("train", num, size=size)
     fig, axes = plt.subplots(num, 7, figsize=(14, 1.6 * num * size[0] / size[1] + 0.3))
