@@ -177,11 +177,6 @@ def fmt_p(p):
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def verdict(stat):
-    """The word a table prints for a member of a family (see `family`)."""
-    return stat["verdict"]
-
-
 # The columns every comparison table shares, and one row of them.
 COLUMNS = "| family | comparison | per seed | mean [95% CI] | p | Holm p | seeds | verdict |"
 RULE = "|---|---|---|---|---:|---:|---|---|"
