@@ -102,7 +102,9 @@ class GradientLog:
         if self.first is None:
             self.first = {n: p.detach().clone() for n, p in self.params.items()}
             torch.save(self.first, self.first_path)
-        norm = lambda t: float(t.detach().float().norm())                          # noqa: E731
+        def norm(t):
+            return float(t.detach().float().norm())
+
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         line = {"iter": step,
                 "grad": {n: norm(p.grad) if p.grad is not None else None for n, p in self.params.items()},

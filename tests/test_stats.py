@@ -62,6 +62,7 @@ def test_a_family_is_corrected_together_and_worded_by_its_adjusted_p():
     assert by["kem-none"]["excludes_zero"] and by["kem-none"]["signs"] == "5/5 negative"
     assert by["kem-none"]["ci95"] == pytest.approx([-2.456, -0.211], abs=1e-3), "the unadjusted interval"
     assert "| test | kem − none |" in stats.row(by["kem-none"], "kem − none")
+    assert [stats.fmt_p(p) for p in (0.0004, 0.0501, 0.03, None)] == ["<0.001", "0.0501", "0.030", "—"]
 
 
 def test_bounded_interval_stays_inside_zero_one():
