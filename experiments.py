@@ -1,5 +1,7 @@
 """The paper's claims, tested on a 2-core CPU: runs that leave committed records, tables built from them.
 
+    python experiments.py primary               # kem and none, 5 pairs each with its own scenes (--data-seed),
+                                                # beside the data-seed-0 pairs: the primary comparison
     python experiments.py ablation              # single-task baselines + 11 multi-task rows x 5 seeds -> Δm,
                                                 # paired comparisons, learning curve, slot selection
     python experiments.py leak                  # the softmax leak at the model's own k values (a simulation)
@@ -24,11 +26,19 @@ seed<k>.json: its flags, every task's full metric dict, speed, wall time, the ev
 learning curves) and, for KEM runs, the selection diagnostics. Checkpoints stay under runs/ (not
 committed). A run whose record exists is never run again, so a later session on a fresh machine
 continues where the last one stopped; with --commit each record is committed as it lands (only that
-file). Every table is computed from the records alone: Δm against the mean of the single-task runs,
-and paired comparisons (per-seed differences, their mean, a 95% t-interval). A difference is called
-"real" only when its interval excludes zero.
+file). Every table is computed from the records alone: Δm against the single-task runs, and paired
+comparisons (per-seed differences, their mean, a 95% t-interval, a paired t-test). Comparisons come in
+families (primary, ablation Δm, selection, distractors, length), Holm-corrected within each: a
+difference is "real" only where its Holm-adjusted p < 0.05, "suggestive" where only its own interval
+excludes zero (studies/stats.py). Unless a run sets --data-seed, every run trains on the same scenes:
+such intervals cover training seeds only.
 
 What the paper claims [paper] and how it is tested here [ours]:
+0. The primary comparison, named first: kem against none (KEM helps multi-task learning), on kem's
+   per-task relative difference against none (no single-task runs needed), at 1,500, 3,000 and 6,000
+   steps and pooled over them (the ablation's and length's records, data seed 0), and with five new
+   pairs whose data seed equals their training seed (5-9): `primary`. Its kem runs also log the
+   gradient norms reaching KEM's selection against its values (the hidden command `_gradients`).
 1. KEM beats cross-attention and no exchange (Δm against single-task baselines), and sKEM (the ETF
    variant) helps further. `ablation`: single-task baselines (the same network, one task, no
    exchange) and multi-task rows none / cross / kem / kem post / a k sweep / sKEM features, slots,
@@ -49,7 +59,8 @@ and whether the kem − none difference, paired by seed, moves with the length.
 
 Where the code is (studies/, one module per experiment, its logic and its report side by side):
     studies/runner.py       the Run records, train.py child processes, --dry-run, the shared skeleton
-    studies/stats.py        the t-interval and the paired comparison every table uses
+    studies/stats.py        t-intervals (logit for [0, 1] values), paired comparisons, families with Holm
+    studies/primary.py      kem − none on the relative scale, the data-seed pairs, the gradient log
     studies/ablation.py     rows, Δm, comparisons, learning curve, slot-selection diagnostics
     studies/leak.py         the one-query softmax / top-k simulation
     studies/distractors.py  the distractor hooks, the linear probe, the hidden `_distract` command
@@ -59,12 +70,13 @@ Each module's docstring gives the experiment's design and its notes in full.
 """
 import sys
 
-from studies import ablation, distractors, imbalance, leak, length
+from studies import ablation, distractors, imbalance, leak, length, primary
 
-EXPERIMENTS = {"ablation": ablation.main, "leak": leak.main, "distractors": distractors.main, "length": length.main,
-               "imbalance": imbalance.main,
-               # hidden: the train.py processes of `distractors` and `imbalance`; they return its exit code
-               "_distract": distractors.train_with_distractors, "_imbalance": imbalance.train_imbalanced}
+EXPERIMENTS = {"primary": primary.main, "ablation": ablation.main, "leak": leak.main, "distractors": distractors.main,
+               "length": length.main, "imbalance": imbalance.main,
+               # hidden: the train.py processes of `distractors`, `primary` (kem runs) and `imbalance`
+               "_distract": distractors.train_with_distractors, "_gradients": primary.train_with_gradient_log,
+               "_imbalance": imbalance.train_imbalanced}
 
 
 def main(argv=None):
@@ -78,7 +90,7 @@ def main(argv=None):
         print(f"experiments.py: there is no experiment {argv[0]!r}; the experiments are {names} "
               "(`python experiments.py` describes each).", file=sys.stderr)
         return 2
-    if argv[0].startswith("_"):                  # a train.py process (with distractors, on the imbalanced split)
+    if argv[0].startswith("_"):                  # a train.py process with hooks: its exit code
         return EXPERIMENTS[argv[0]](argv[1:])
     EXPERIMENTS[argv[0]](argv[1:])
     return 0

@@ -64,7 +64,7 @@ PRESETS = {
 COMMON = dict(exchange="kem", etf="none", num_slots=16, topk=0.25, topk_mode="mask", freeze_backbone=False, accum=1,
               seed=0, device="auto", amp="auto", compile=False, poly_power=0.9, download=True, workers=None,
               procs="auto",
-              data_seed=0)  # which scenes SyntheticRooms draws: fixed, so every run sees the same val set
+              data_seed=0)  # which scenes SyntheticRooms draws (--data-seed): 0 unless a run sets it
 
 
 # --- the task table ---------------------------------------------------------------------------
@@ -159,6 +159,9 @@ def parse_args(argv):
                    help="synthetic: the rendered size (train and val); nyud/pascal: the training crop")
     g.add_argument("--train-samples", type=int, help="synthetic only: scenes in the train split")
     g.add_argument("--val-samples", type=int, help="synthetic only: scenes in the val split")
+    g.add_argument("--data-seed", type=int,
+                   help="synthetic only: which scenes SyntheticRooms draws for train and val (default 0; "
+                        "--seed does not change them)")
     g = p.add_argument_group("model")
     g.add_argument("--exchange", choices=EXCHANGES, help="how tasks meet: kem (the paper), cross (full attention), none")
     g.add_argument("--etf", choices=ETF_MODES,

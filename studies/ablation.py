@@ -7,17 +7,24 @@ What the paper claims [paper]: KEM beats cross-attention and no exchange (Δm ag
 baselines), sKEM (the ETF variant) helps further, and the ETF stabilises which tokens the slots select.
 
 How it is tested here [ours], on SyntheticRooms at the default run's 1,500 steps:
-- Single-task baselines: the same network for one task with no exchange (REFERENCE §5). Δm of a
-  multi-task run is against the mean over seeds of these baselines (metrics.delta_m).
+- Single-task baselines: the same network for one task with no exchange (REFERENCE §5). A row's Δm
+  interval is over seeds, each seed's Δm against the single-task runs of *its own* seed, so the
+  interval carries the baselines' seed noise too (`delta_m_own_seed`). Comparisons between rows take
+  Δm against the mean over seeds of the baselines, a common scale on which the baselines cancel
+  except as each task's weight (`delta_m_by_seed`).
 - Multi-task rows (`MULTI_TASK_ROWS`): none / cross / kem / kem post (SGW's top-k after softmax) /
   the k sweep k = N/64, N/16, N (k = N is "slots without selection", the control that separates the
   top-k from the slots; k = N/4 is the kem row) / sKEM features, slots, both / and "normalise only"
   (tokens L2-normalised, no ETF frame: the control for "features").
-- `COMPARISONS`: the pairs of rows whose Δm are compared paired by seed (stats.paired).
+- `COMPARISONS`: the pairs of rows whose Δm are compared paired by seed, one family ("ablation Δm",
+  Holm-corrected together by stats.family). kem − none is also the primary comparison, on its own
+  scale and with more seeds and lengths, in studies/primary.py.
 - Selection diagnostics: after each KEM run, this process measures on the val set which tokens the
   slots select (`selection_diagnostics`): the mean pairwise Jaccard overlap of the slots' top-k sets,
   and each slot's share of selected tokens per task. `SELECTION_COMPARISONS` pairs rows with the
-  same k only (the overlap of random k-sets, and so what a Jaccard means, depends on k / N).
+  same k only (the overlap of random k-sets, and so what a Jaccard means, depends on k / N); one family
+  ("selection"). The rows' overlaps and shares lie in [0, 1]: their intervals are logit t-intervals
+  (stats.bounded_interval), with the per-seed overlaps beside them.
 - The learning curve of one row (--curve-row, kem) and how much each metric still moved over the
   last 500 steps (`levelled_off`): the runs are short, and the `length` experiment trains longer.
 
@@ -37,7 +44,8 @@ import metrics
 from kem_mtl import resolve_topk
 from studies import runner
 from studies.runner import headline, label
-from studies.stats import ci, paired, t_interval, verdict
+from studies import stats
+from studies.stats import bounded_interval, ci, paired, t_interval
 
 
 def kem(topk="0.25", mode="mask", etf="none"):
@@ -62,10 +70,10 @@ MULTI_TASK_ROWS = {  # row -> train.py flags; every row trains all --tasks toget
 # (row a, row b, what Δm_a - Δm_b, paired by seed, tests). The labels are printed in the tables as they
 # stand, marks included.
 COMPARISONS = [
-    ("kem", "none", "KEM vs no exchange [PAPER: KEM helps multi-task learning]"),
-    ("kem", "cross", "KEM vs cross-attention [PAPER: KEM beats cross-attention]"),
+    ("kem", "none", "KEM vs no exchange [paper: KEM helps multi-task learning]"),
+    ("kem", "cross", "KEM vs cross-attention [paper: KEM beats cross-attention]"),
     ("cross", "none", "cross-attention vs no exchange"),
-    ("kem+etf features", "kem", "sKEM (ETF features) vs KEM [PAPER: sKEM helps further]"),
+    ("kem+etf features", "kem", "sKEM (ETF features) vs KEM [paper: sKEM helps further]"),
     ("kem+etf slots", "kem", "sKEM (ETF slots) vs KEM"),
     ("kem+etf both", "kem", "sKEM (both) vs KEM"),
     ("kem+etf features", "kem+normalize", "ETF frame vs L2 normalisation alone (the control for 'features')"),
@@ -78,7 +86,7 @@ COMPARISONS = [
 # Selection diagnostics compared paired by seed, only between rows with the same k (the overlap of random
 # k-sets, and so what a Jaccard means, depends on k / N).
 SELECTION_COMPARISONS = [
-    ("kem+etf slots", "kem", "ETF slots vs learned slots [PAPER: the ETF stabilises the selection]"),
+    ("kem+etf slots", "kem", "ETF slots vs learned slots [paper: the ETF stabilises the selection]"),
     ("kem+etf both", "kem", "ETF features and slots vs KEM"),
     ("kem+etf features", "kem", "ETF features vs KEM"),
     ("kem+etf features", "kem+normalize", "ETF frame vs L2 normalisation alone"),
@@ -160,6 +168,19 @@ def delta_m_by_seed(records, baselines):
     return out
 
 
+def delta_m_own_seed(records, tasks):
+    """{config: {seed: Δm}} with each seed's Δm against the single-task runs of its own seed (for a row's
+    interval: it then holds the baselines' seed-to-seed noise too); seeds missing a baseline are left out."""
+    out = {}
+    for (config, seed), rec in records.items():
+        if config.startswith("single-task "):
+            continue
+        own = {t: records[f"single-task {t}", seed]["metrics"][t] for t in tasks if (f"single-task {t}", seed) in records}
+        if all(t in own for t in rec["metrics"]):
+            out.setdefault(config, {})[seed] = metrics.delta_m(rec["metrics"], own)
+    return out
+
+
 def _row_order(names):
     canonical = list(row_flags(runner.SYNTHETIC_TASKS, single_task_kem=True))
     return sorted(names, key=lambda n: (canonical.index(n) if n in canonical else len(canonical), n))
@@ -198,7 +219,8 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
     if not records:
         raise SystemExit(f"no ablation records under {results / 'runs' / 'ablation'}; run `{command}` first")
     baselines = baseline_metrics(records, tasks)
-    dm = delta_m_by_seed(records, baselines)
+    dm = delta_m_by_seed(records, baselines)                   # common scale: comparisons between rows
+    own = delta_m_own_seed(records, tasks)                     # own seed's baselines: a row's interval
     configs = _row_order({c for c, _ in records})
     rows = []
     for config in configs:
@@ -206,10 +228,11 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
         seeds = sorted(recs)
         row = {"config": config, "flags": recs[seeds[0]]["flags"], "seeds": seeds,
                "per_seed": [{"seed": s, "headline": {t: headline(t, recs[s]["metrics"][t]) for t in recs[s]["metrics"]},
-                             "delta_m": dm.get(config, {}).get(s)} for s in seeds],
+                             "delta_m": own.get(config, {}).get(s), "delta_m_mean_baseline": dm.get(config, {}).get(s)}
+                            for s in seeds],
                "headline_mean": {t: float(np.mean([headline(t, recs[s]["metrics"][t]) for s in seeds]))
                                  for t in recs[seeds[0]]["metrics"]},
-               "delta_m": t_interval(list(dm[config].values())) if config in dm else None,
+               "delta_m": t_interval(list(own[config].values())) if config in own else None,
                "parameters": recs[seeds[0]]["parameters"],
                # medians: a run that shared the cores with other work would swamp a mean
                "images_per_s": _median([recs[s].get("train_images_per_s") for s in seeds]),
@@ -219,7 +242,8 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
     cols = [label(t) for t in tasks]
     summary = ["| configuration | seeds | Δm % [95% CI] | " + " | ".join(cols) + " | parameters | img/s | wall s |",
                "|---|---:|---|" + "---:|" * (len(tasks) + 3)]
-    per_seed = ["| configuration | seed | " + " | ".join(cols) + " | Δm % |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
+    per_seed = ["| configuration | seed | " + " | ".join(cols) + " | Δm % (own seed's single-task) | Δm % (mean "
+                "single-task) |", "|---|---:|" + "---:|" * (len(tasks) + 2)]
     for row in rows:
         cells = [f"{row['headline_mean'][t]:.4f}" if t in row["headline_mean"] else "" for t in tasks]
         dm_cell = "(baseline)" if row["config"].startswith("single-task ") and row["delta_m"] is None else (
@@ -229,7 +253,7 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
                          f"{_fmt(row['wall_time_s'], 0)} |")
         for ps in row["per_seed"]:
             cells = [f"{ps['headline'][t]:.4f}" if t in ps["headline"] else "" for t in tasks]
-            d = "" if ps["delta_m"] is None else f"{ps['delta_m']:+.2f}"
+            d = " | ".join("" if ps[k] is None else f"{ps[k]:+.2f}" for k in ("delta_m", "delta_m_mean_baseline"))
             per_seed.append(f"| {row['config']} | {ps['seed']} | " + " | ".join(cells) + f" | {d} |")
 
     comparisons = []
@@ -239,10 +263,8 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
                                 "per_task": {t: paired(*({s: headline(t, records[c, s]["metrics"][t])
                                                           for (c2, s) in records if c2 == c} for c in (a, b)))
                                              for t in tasks}})
-    comp_lines = ["| comparison | Δm difference per seed | mean [95% CI] | verdict |", "|---|---|---|---|"]
-    for c in comparisons:
-        diffs = ", ".join(f"{d:+.2f}" for d in c["differences"])
-        comp_lines.append(f"| {c['tests']}: {c['a']} − {c['b']} | {diffs} | {ci(c)} | {verdict(c)} |")
+    stats.family("ablation Δm", comparisons)
+    comp_lines = [stats.COLUMNS, stats.RULE] + [stats.row(c, f"{c['tests']}: {c['a']} − {c['b']}") for c in comparisons]
 
     curve = [records[c, s] for (c, s) in sorted(records) if c == curve_row]
     levelling = levelled_off(curve, tasks) if curve else None
@@ -253,16 +275,22 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
     (results / "ablation.json").write_text(json.dumps(
         {**meta, "baselines": baselines, "rows": rows, "curve_row": curve_row, "levelling": levelling}, indent=1))
     (results / "ablation.md").write_text(
-        f"Ablation on SyntheticRooms: {meta['max_iters']:.0f} steps per run, seeds {meta['seeds']}. Δm (%) is against "
-        f"the mean over seeds of the single-task runs (same network, one task, no exchange), with the mean and "
-        f"a 95% t-interval over seeds; task columns are the mean over seeds of each headline metric (per-seed "
+        f"Ablation on SyntheticRooms: {meta['max_iters']:.0f} steps per run, seeds {meta['seeds']}, data seed 0 "
+        f"(every run trains on the same scenes and is scored on the same val scenes: the intervals cover training "
+        f"seeds only). Δm (%) per seed is against the single-task runs of the same seed (same network, one task, no "
+        f"exchange), so the mean and 95% t-interval over seeds carry the baselines' noise too; the per-seed "
+        f"table also gives Δm against the mean over seeds of the single-task runs, the common scale of the "
+        f"comparisons (comparisons.md). Task columns are the mean over seeds of each headline metric (per-seed "
         f"values below and in results/runs/ablation/). img/s and wall time are medians over seeds. Regenerate: "
         f"`{command}`\n\n" + "\n".join(summary) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     (results / "comparisons.json").write_text(json.dumps({**meta, "comparisons": comparisons}, indent=1))
     (results / "comparisons.md").write_text(
-        "Paired comparisons of Δm (%, a − b per seed; the same seed gives both rows the same data order), their "
-        "mean and 95% t-interval. A difference is 'real' only when its interval excludes zero. Regenerate: "
-        f"`{command}`\n\n" + "\n".join(comp_lines) + "\n")
+        "Paired comparisons of Δm (%, a − b per seed, both against the mean over seeds of the single-task runs; the "
+        "same training seed gives both rows the same data order, and every run the same scenes, data seed 0), "
+        "their mean, unadjusted 95% t-interval, paired t-test p and Holm-adjusted p over the family. kem − none is "
+        "also the primary comparison, on its own scale with more seeds and lengths: results/primary.md. "
+        f"Regenerate: `{command}`\n\n" + "\n".join(comp_lines) + "\n\n" + stats.family_note("ablation Δm", comparisons)
+        + "\n")
     if curve:
         plot_learning_curve(curve, tasks, results / "learning_curve.png")
     selection_report(records, results)
@@ -398,17 +426,19 @@ def selection_report(records, results):
         first = sel[min(sel)]
         rows.append({"config": config, "seeds": sorted(sel), "k": first["k"], "N": first["N"],
                      "coverage": first["k"] * len(first["share"]) / first["N"],
-                     "jaccard": t_interval([s["jaccard"] for s in sel.values()]), "jaccard_chance": first["jaccard_chance"],
-                     "max_task_share": t_interval([s["max_task_share"] for s in sel.values()]),
-                     "max_task_weight": t_interval([s["max_task_weight"] for s in sel.values()]),
+                     "jaccard": bounded_interval([s["jaccard"] for s in sel.values()]),
+                     "jaccard_chance": first["jaccard_chance"],
+                     "max_task_share": bounded_interval([s["max_task_share"] for s in sel.values()]),
+                     "max_task_weight": bounded_interval([s["max_task_weight"] for s in sel.values()]),
                      "share_first_seed": first["share"], "tasks": first["tasks"],
                      "per_seed": {s: {k: v[k] for k in ("jaccard", "max_task_share", "max_task_weight")}
                                   for s, v in sel.items()}})
-    lines = ["| configuration | k / N | coverage L k / N | slot overlap (Jaccard) [95% CI] | chance | "
-             "largest task share [95% CI] | largest task weight [95% CI] |", "|---|---:|---:|---|---:|---|---|"]
+    lines = ["| configuration | k / N | coverage L k / N | slot overlap (Jaccard) [95% CI] | per seed | chance | "
+             "largest task share [95% CI] | largest task weight [95% CI] |", "|---|---:|---:|---|---|---:|---|---|"]
     for r in rows:
+        per_seed = ", ".join(f"{v['jaccard']:.2f}" for _, v in sorted(r["per_seed"].items()))
         lines.append(f"| {r['config']} | {r['k']} / {r['N']} | {r['coverage']:.2f} | {ci(r['jaccard'], 3, '')} | "
-                     f"{r['jaccard_chance']:.3f} | {ci(r['max_task_share'], 3, '')} | "
+                     f"{per_seed} | {r['jaccard_chance']:.3f} | {ci(r['max_task_share'], 3, '')} | "
                      f"{ci(r['max_task_weight'], 3, '')} |")
     T = len(rows[0]["tasks"])
     pairs = []
@@ -417,19 +447,21 @@ def selection_report(records, results):
             for m in SELECTION_MEASURES:
                 pairs.append({"a": a, "b": b, "tests": what, "measure": m,
                               **paired(*({s: v[m] for s, v in by_row[c].items()} for c in (a, b)))})
-    pair_lines = ["| comparison | measure | difference per seed | mean [95% CI] | verdict |", "|---|---|---|---|---|"]
-    for c in pairs:
-        pair_lines.append(f"| {c['tests']}: {c['a']} − {c['b']} | {SELECTION_MEASURES[c['measure']]} | "
-                          + ", ".join(f"{d:+.3f}" for d in c["differences"]) + f" | {ci(c, 3)} | {verdict(c)} |")
+    stats.family("selection", pairs)
+    pair_lines = [stats.COLUMNS, stats.RULE] + [
+        stats.row(c, f"{c['tests']}: {c['a']} − {c['b']}, {SELECTION_MEASURES[c['measure']]}", digits=3) for c in pairs]
     (Path(results) / "selection.json").write_text(json.dumps({"rows": rows, "paired": pairs}, indent=1))
     (Path(results) / "selection.md").write_text(
-        "Which tokens KEM's slots select on the val set, per trained model (mean and 95% t-interval over seeds). "
+        "Which tokens KEM's slots select on the val set, per trained model: the mean over seeds and a 95% interval "
+        "that stays inside [0, 1] (the t-interval of the seeds' mean logit, mapped back; it brackets the typical "
+        "seed on that scale, not exactly the arithmetic mean), with each seed's overlap beside it. "
         "Slot overlap: mean pairwise Jaccard of the slots' top-k index sets per image (1 = all slots take the "
         "same tokens; 'chance' = independent random k-sets). Largest task share: mean over images and slots of "
         f"the largest fraction of a slot's selected tokens that comes from one task (1 = one task per slot, 1/T = "
         f"{1 / T:.3f} = evenly mixed); task weight: the same for attention mass (it differs when k = N). "
         "Regenerate: `python experiments.py ablation --tables-only`\n\n" + "\n".join(lines)
-        + ("\n\nPaired by seed (a − b; rows with the same k only):\n\n" + "\n".join(pair_lines) if pairs else "")
+        + ("\n\nPaired by seed (a − b; rows with the same k only):\n\n" + "\n".join(pair_lines) + "\n\n"
+           + stats.family_note("selection", pairs) if pairs else "")
         + "\n")
     plot_selection(rows, Path(results) / "selection.png")
     return {"rows": rows, "paired": pairs}

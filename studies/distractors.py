@@ -43,7 +43,8 @@ import metrics
 import train
 from kem_mtl import resolve_topk
 from studies import ablation, runner
-from studies.stats import ci, paired, t_interval, verdict
+from studies import stats
+from studies.stats import ci, paired, t_interval
 
 KINDS = ("other", "gaussian")       # distractor kinds, see Distractors
 
@@ -292,12 +293,14 @@ def report(results, tasks, command="python experiments.py distractors"):
     if not recs:
         raise SystemExit(f"no distractor records under {results / 'runs' / 'distractors'}; run `{command}` first")
     baselines = ablation.baseline_metrics(ablation_recs, tasks)
-    clean_dm = ablation.delta_m_by_seed(ablation_recs, baselines)
+    clean_dm = ablation.delta_m_by_seed(ablation_recs, baselines)      # common scale, for the paired differences
+    clean_own = ablation.delta_m_own_seed(ablation_recs, tasks)        # own seed's baselines, for a row's interval
 
     # (i) test time: Δm of the noisy evaluation against the same checkpoint's clean one, per seed
     test = {}                                                  # (exchange, kind, ratio) -> {seed: Δm}
     probes = {}                                                # (exchange, kind) -> [probe per seed]
     trained = {}                                               # exchange -> {seed: Δm vs single-task}
+    trained_own = {}                                           # the same against the seed's own single-task runs
     trained_probe = {}
     for (config, seed), rec in recs.items():
         if config.startswith("test-time "):
@@ -311,6 +314,10 @@ def report(results, tasks, command="python experiments.py distractors"):
         elif config.startswith("trained ") and all(t in baselines for t in rec["metrics"]):
             ex = config.split()[1]
             trained.setdefault(ex, {})[seed] = metrics.delta_m(rec["metrics"], baselines)
+            own = {t: ablation_recs[f"single-task {t}", seed]["metrics"][t] for t in rec["metrics"]
+                   if (f"single-task {t}", seed) in ablation_recs}
+            if len(own) == len(rec["metrics"]):
+                trained_own.setdefault(ex, {})[seed] = metrics.delta_m(rec["metrics"], own)
             trained_probe.setdefault(ex, {})[seed] = rec["probe"]
     exchanges = [e for e in ("none", "cross", "kem") if any(k[0] == e for k in test) or e in trained]
     kinds = [k for k in KINDS if any(key[1] == k for key in test)]
@@ -333,31 +340,40 @@ def report(results, tasks, command="python experiments.py distractors"):
                               "probe": probes.get((ex, kind), {})})
             lines.append(f"| {ex} | {kind} | " + " | ".join(ci(cells[r]) for r in ratios)
                          + f" | {probe_cell(probes.get((ex, kind)))} |")
-    pairs, pair_lines = [], ["| comparison | distractors | per token | Δm difference per seed | mean [95% CI] | verdict |",
-                             "|---|---|---:|---|---|---|"]
-    for a, b in (("kem", "cross"), ("kem", "none"), ("cross", "none")):
-        for kind in kinds:
-            for r in ratios:
-                if (a, kind, r) in test and (b, kind, r) in test:
-                    c = {"a": a, "b": b, "kind": kind, "ratio": r, **paired(test[a, kind, r], test[b, kind, r])}
-                    pairs.append(c)
-                    pair_lines.append(f"| {a} − {b} | {kind} | {r:g} | " + ", ".join(f"{d:+.2f}" for d in c["differences"])
-                                      + f" | {ci(c)} | {verdict(c)} |")
-    train_rows, train_lines = [], ["| exchange | Δm trained clean | Δm trained with distractors | "
-                                   "difference per seed | mean [95% CI] | verdict | probe AUC token / context |",
-                                   "|---|---|---|---|---|---|---|"]
+    # One family: the exchanges compared at test time, each exchange trained with against without distractors
+    # (none is the hooks' control, shown but not tested), and the difference of two exchanges' gains.
+    pairs = [{"a": a, "b": b, "kind": kind, "ratio": r, "label": f"test time, {kind} x{r:g}: {a} − {b}",
+              **paired(test[a, kind, r], test[b, kind, r])}
+             for a, b in (("kem", "cross"), ("kem", "none"), ("cross", "none")) for kind in kinds for r in ratios
+             if (a, kind, r) in test and (b, kind, r) in test]
+    train_rows = []
     for ex in exchanges:
-        if ex not in trained:
-            continue
-        c = paired(trained[ex], clean_dm.get(ex, {}))
-        train_rows.append({"exchange": ex, "clean": clean_dm.get(ex, {}), "with_distractors": trained[ex], "paired": c,
-                           "probe": trained_probe.get(ex, {})})
-        train_lines.append(f"| {ex} | {ci(t_interval(list(clean_dm.get(ex, {}).values())))} | "
-                           f"{ci(t_interval(list(trained[ex].values())))} | "
-                           + ", ".join(f"{d:+.2f}" for d in c["differences"])
-                           + f" | {ci(c)} | {verdict(c)} | {probe_cell(trained_probe.get(ex))} |")
+        if ex in trained:
+            c = paired(trained[ex], clean_dm.get(ex, {}))
+            c["label"] = f"trained with distractors − clean: {ex}"
+            train_rows.append({"exchange": ex, "clean": clean_dm.get(ex, {}), "with_distractors": trained[ex],
+                               "clean_own_seed": clean_own.get(ex, {}), "with_distractors_own_seed": trained_own.get(ex, {}),
+                               "paired": c, "probe": trained_probe.get(ex, {})})
+    gains = {r["exchange"]: dict(zip(r["paired"]["seeds"], r["paired"]["differences"])) for r in train_rows}
+    gain_pairs = [{"a": a, "b": b, "label": f"gain from training with distractors: {a}'s − {b}'s", **paired(gains[a], gains[b])}
+                  for a, b in (("cross", "kem"),) if a in gains and b in gains]
+    members = pairs + [r["paired"] for r in train_rows if r["exchange"] != "none"] + gain_pairs
+    stats.family("distractors", members)
+    for r in train_rows:
+        if r["exchange"] == "none":
+            r["paired"].update(family="distractors", p=None, p_holm=None, verdict="control (not tested)",
+                               signs=stats.seed_signs(r["paired"]["differences"]))
+    pair_lines = [stats.COLUMNS, stats.RULE] + [stats.row(c, c["label"]) for c in pairs]
+    train_lines = ["| exchange | Δm trained clean | Δm trained with distractors | probe AUC token / context |",
+                   "|---|---|---|---|"]
+    for r in train_rows:
+        train_lines.append(f"| {r['exchange']} | {ci(t_interval(list(r['clean_own_seed'].values())))} | "
+                           f"{ci(t_interval(list(r['with_distractors_own_seed'].values())))} | "
+                           f"{probe_cell(trained_probe.get(r['exchange']))} |")
+    train_lines += ["", stats.COLUMNS, stats.RULE] + [stats.row(r["paired"], r["paired"]["label"]) for r in train_rows] \
+        + [stats.row(c, c["label"]) for c in gain_pairs]
     train_name = next((c for c, _ in recs if c.startswith("trained ")), "trained")
-    out = {"command": command, "test_time": test_rows, "paired": pairs, "trained": train_rows,
+    out = {"command": command, "test_time": test_rows, "paired": pairs, "trained": train_rows, "gains": gain_pairs,
            "trained_config": train_name}
     (results / "distractors.json").write_text(json.dumps(out, indent=1, default=str))
     (results / "distractors.md").write_text(
@@ -367,11 +383,15 @@ def report(results, tasks, command="python experiments.py distractors"):
         "many distractors per real token, Δm (%) against their own clean evaluation (0 = unaffected), mean and "
         "95% t-interval over seeds. Probe AUC: linear probes telling real from distractor tokens at the "
         "exchange's input on held-out val images (0.5 = cannot tell; 'token' sees a token alone, 'context' also "
-        "its product with the image's mean real token). A difference is 'real' only when its interval excludes "
-        f"zero. Regenerate: `{command}`\n\n" + "\n".join(lines)
-        + ("\n\nPaired by seed (test time):\n\n" + "\n".join(pair_lines) if pairs else "")
-        + f"\n\nTrained with distractors ({train_name}): Δm against the single-task baselines, paired with the "
-          f"clean-trained run of the same seed (with − clean):\n\n" + "\n".join(train_lines) + "\n")
+        "its product with the image's mean real token). Every run uses data seed 0 (the same scenes): the intervals "
+        f"cover training seeds only. Regenerate: `{command}`\n\n" + "\n".join(lines)
+        + ("\n\nPaired by seed (test time; none is unaffected, so kem − none and cross − none are kem's and "
+           "cross's cells above):\n\n" + "\n".join(pair_lines) if pairs else "")
+        + f"\n\nTrained with distractors ({train_name}): Δm of the rows (mean and 95% t-interval over seeds, each "
+          f"seed against its own seed's single-task runs), then, paired by seed on the common scale (the mean "
+          f"single-task runs), with − clean per exchange (none: the hooks' control), and the difference of two "
+          f"exchanges' gains:\n\n" + "\n".join(train_lines) + "\n\n" + stats.family_note("distractors", members)
+        + "\n")
     if test:
         plot_distractors(test, exchanges, kinds, ratios, results / "distractors.png")
     print("\n".join(lines) + "\n\n" + "\n".join(pair_lines) + "\n\n" + "\n".join(train_lines))

@@ -46,8 +46,8 @@ Notes:
   under no_grad and a forked RNG: training is unchanged (a test compares the losses of a tiny run).
 - Stability is only measured on the imbalanced split here; the ablation's default-split runs do not
   record it (`--keep 1` gives the default split with the same measurement).
-- Intervals are stats.paired's t-intervals for now; a Jaccard is bounded, so a mean's interval can
-  leave [0, 1] with five seeds (the per-seed values stand beside it).
+- A row's tail-class IoU and stability (bounded in [0, 1]) get logit t-intervals (stats.bounded_interval),
+  its Δm a plain t-interval; comparisons are paired t-tests, Holm-adjusted within the family.
 """
 import argparse
 import dataclasses
@@ -66,7 +66,8 @@ import train
 import train_support
 from kem_mtl import resolve_topk
 from studies import ablation, runner
-from studies.stats import ci, paired, t_interval, verdict
+from studies.stats import COLUMNS, RULE, bounded_interval, ci, family, family_note, paired, t_interval
+from studies.stats import row as table_row
 
 ROWS = ("kem", "kem+etf features", "kem+etf slots", "kem+etf both")    # the ablation's rows, kem first
 RARE = ("ball", "cylinder")          # the rare classes by default: the free-standing ones a box can replace
@@ -390,7 +391,7 @@ def comparisons(by):
             out.append({"a": f"{row}'s drop", "b": "kem's drop", "measure": m,
                         "tests": "what the imbalance costs, ETF variant vs KEM (KEM is sensitive to imbalance [paper])",
                         **paired(drop(row, m), drop("kem", m))})
-    return [{"family": FAMILY, **c} for c in out if c["n"]]           # pairs with no seeds are left out
+    return family(FAMILY, [c for c in out if c["n"]])                 # pairs with no seeds are left out
 
 
 def report(results, tasks, command="python experiments.py imbalance"):
@@ -417,7 +418,8 @@ def report(results, tasks, command="python experiments.py imbalance"):
                            "(default), mean over seeds |", "|---|---:|---|---|---|---|---|---|---|"]
     for row in [r for r in ROWS if (r, "imbalanced") in by]:
         m, d = by[row, "imbalanced"], by.get((row, "default"), {})
-        stat = {(name, sp): t_interval(list(src.get(name, {}).values())) for name in MEASURES
+        interval = {"delta_m": t_interval}            # IoU and Jaccard lie in [0, 1]: logit intervals
+        stat = {(name, sp): interval.get(name, bounded_interval)(list(src.get(name, {}).values())) for name in MEASURES
                 for sp, src in (("imbalanced", m), ("default", d))}
         stab = m["stability"]
         rows.append({"row": row, "seeds": sorted(m["tail_iou"]),
@@ -429,12 +431,9 @@ def report(results, tasks, command="python experiments.py imbalance"):
                          + f" | {ci(stat['stability', 'imbalanced'], 3, '')} | " + ", ".join(
                              f"{name} {_mean(m.get(f'iou {name}'))} ({_mean(d.get(f'iou {name}'))})"
                              for name in split["rare_classes"]) + " |")
-    comp_lines = ["| comparison | measure | difference per seed | mean [95% CI, unadjusted] | verdict |",
-                  "|---|---|---|---|---|"]
-    for c in comps:
-        digits = 2 if c["measure"] == "delta_m" else 3
-        comp_lines.append(f"| {c['tests']}: {c['a']} − {c['b']} | {MEASURES[c['measure']]} | "
-                          + ", ".join(f"{v:+.{digits}f}" for v in c["differences"]) + f" | {ci(c, digits)} | {verdict(c)} |")
+    comp_lines = [COLUMNS, RULE] + [table_row(c, f"{c['tests']}: {c['a']} − {c['b']} ({MEASURES[c['measure']]})",
+                                        2 if c["measure"] == "delta_m" else 3) for c in comps]
+    comp_lines += ["", family_note(FAMILY, comps)]
     curve, curve_lines = stability_curve(imb)
     meta = {"command": command, "tasks": tasks, "family": FAMILY, "split": split, "unpaired": unpaired,
             "seeds": sorted({s for _, s in imb})}
@@ -447,7 +446,7 @@ def report(results, tasks, command="python experiments.py imbalance"):
             f"row and seed. Selection stability: Jaccard overlap of each slot's top-k set on the same "
             f"{next(iter(curve.values()))['images'] if curve else '—'} val images between consecutive evaluations, "
             f"mean over slots, images and evaluations. Means with 95% t-intervals over seeds; comparisons paired by "
-            f"seed, family '{FAMILY}', unadjusted. Regenerate: `{command}`\n\n"
+            f"seed, family '{FAMILY}', Holm-adjusted together. Regenerate: `{command}`\n\n"
             "Training split, class shares of the pixels (measured on every training scene):\n\n" + "\n".join(split_lines)
             + "\n\nRows:\n\n" + "\n".join(row_lines) + "\n\nComparisons:\n\n" + "\n".join(comp_lines)
             + "\n\nSelection stability over training (mean over seeds [95% CI]; chance = independent random k-sets):\n\n"

@@ -8,11 +8,12 @@ experiment trains kem and none for 3,000 and 6,000 steps (the ablation's five se
 its own warm-up and schedule decaying to zero at its last step, so a longer run is not a
 continuation of a shorter one) and reports, beside the ablation's 1,500-step runs of the same rows
 and seeds:
-- per run: the final val metrics, Δm against the ablation's single-task means (one reference for
-  every length, so the differences between rows are comparable), and how much each headline still
-  moved over the last 40% of the run (ablation.levelled_off);
-- per length: the kem − none difference paired by seed (Δm and each task's headline), and how that
-  difference changed against the shortest length, paired by seed.
+- per run: the final val metrics and how much each headline still moved over the last 40% of the
+  run (ablation.levelled_off);
+- per length: kem against none paired by seed on the primary comparison's scale r (kem's per-task
+  relative difference against none, studies/primary.py), tested in the family "primary", each task's
+  relative difference (descriptive), and how r changed against the shortest length (family "length").
+  No Δm: it would need single-task runs of each length, and there are only the ablation's 1,500-step ones.
 
 Writes results/length.json/.md/.png from the length and ablation records alone (`report`).
 
@@ -25,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-from studies import ablation, runner
+from studies import ablation, primary, runner, stats
 from studies.runner import headline, label
-from studies.stats import ci, paired, verdict
+from studies.stats import ci, paired
 
 LENGTH_ROWS = ("kem", "none")               # the difference is kem − none
 
@@ -55,6 +56,7 @@ def plan(args, extra, ctx):
 
 # --- the report: per run, per length, the paired difference ---------------------------------------
 
+
 def report(results, tasks, rows=LENGTH_ROWS, command="python experiments.py length"):
     """results/length.json/.md/.png: final metrics against run length, from the length records and the
     ablation's records of the same rows and seeds (their length is the ablation's)."""
@@ -69,76 +71,89 @@ def report(results, tasks, rows=LENGTH_ROWS, command="python experiments.py leng
         if (row, seed) in ablation_recs:
             rec = ablation_recs[row, seed]
             runs[row, seed][rec["iteration"]] = rec
-    baselines = ablation.baseline_metrics(ablation_recs, tasks)         # a common reference for every length
-    table, out = [], []
-    lines = ["| row | seed | steps | " + " | ".join(label(t) for t in tasks) + " | Δm % (vs the ablation's single-task) |"
-             " still improving over the last 40% of steps |", "|---|---:|---:|" + "---:|" * (len(tasks) + 1) + "---|"]
+    out = []
+    lines = ["| row | seed | steps | " + " | ".join(label(t) for t in tasks) + " | still improving over the last 40% of "
+             "steps |", "|---|---:|---:|" + "---:|" * len(tasks) + "---|"]
     for (row, seed) in sorted(runs, key=lambda k: (k[1], rows.index(k[0]) if k[0] in rows else 99)):
         for steps in sorted(runs[row, seed]):
             rec = runs[row, seed][steps]
-            dm = metrics.delta_m(rec["metrics"], baselines) if all(t in baselines for t in rec["metrics"]) else None
             lev = ablation.levelled_off([rec], tasks, window=round(0.4 * steps))
             improving = ", ".join(f"{t} {v['mean_change_pct']:+.1f}%" for t, v in lev.items())
-            out.append({"row": row, "seed": seed, "steps": steps, "delta_m": dm, "levelling": lev,
+            out.append({"row": row, "seed": seed, "steps": steps, "levelling": lev, "metrics": rec["metrics"],
                         "headline": {t: headline(t, rec["metrics"][t]) for t in rec["metrics"]},
                         "history": rec["history"]})
             lines.append(f"| {row} | {seed} | {steps} | " + " | ".join(f"{out[-1]['headline'][t]:.4f}" for t in tasks)
-                         + f" | {'—' if dm is None else f'{dm:+.2f}'} | {improving} |")
-    diffs = ["| seed | steps | Δm difference " + " − ".join(rows[:2]) + " |", "|---:|---:|---:|"]
-    dm_of = {(o["row"], o["seed"], o["steps"]): o["delta_m"] for o in out}
-    for seed, steps in sorted({(o["seed"], o["steps"]) for o in out}) if len(rows) >= 2 else []:
-        a, b = dm_of.get((rows[0], seed, steps)), dm_of.get((rows[1], seed, steps))
-        if a is not None and b is not None:
-            table.append({"seed": seed, "steps": steps, "a": rows[0], "b": rows[1], "difference": a - b})
-            diffs.append(f"| {seed} | {steps} | {a - b:+.2f} |")
-    summary = summary_by_length(out, tasks, rows)
-    (results / "length.json").write_text(json.dumps({"command": command, "runs": out, "differences": table,
-                                                     "paired": summary}, indent=1))
+                         + f" | {improving} |")
+    summary = summary_by_length(out, tasks, rows, results)
+    table = [{"seed": s, "steps": p["steps"], "a": rows[0], "b": rows[1], "difference": d}
+             for p in summary["per_length"] for s, d in zip(p["r"]["seeds"], p["r"]["differences"])]
+    (results / "length.json").write_text(json.dumps({"command": command, "runs": [{k: v for k, v in o.items()
+                                                                                    if k != "metrics"} for o in out],
+                                                     "differences": table, "paired": summary}, indent=1))
     (results / "length.md").write_text(
         "Run length: the same rows trained for more steps, each run with its own warm-up and polynomial decay to "
-        "zero at its last step (so a longer run is not a continuation of a shorter one). Final val metrics; Δm "
-        "against the ablation's single-task means (a common reference for every length, so the differences "
-        "between rows are comparable); 'still improving': the headline's relative change between the evaluation "
-        "nearest 60% of the run and the last one (positive = better). Regenerate: "
-        f"`{command}`\n\n" + "\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n\n" + summary["markdown"] + "\n")
+        "zero at its last step (so a longer run is not a continuation of a shorter one); data seed 0 throughout "
+        "(the same scenes for every seed). Final val metrics; 'still improving': the headline's relative change "
+        "between the evaluation nearest 60% of the run and the last one (positive = better). The rows are compared "
+        "on the primary comparison's scale r (kem's per-task relative difference against none, %, mean over tasks; "
+        "results/primary.md), which needs no single-task runs: there are single-task runs of 1,500 steps only, so "
+        "no Δm is given at 3,000 or 6,000 steps. Regenerate: "
+        f"`{command}`\n\n" + "\n".join(lines) + "\n\n" + summary["markdown"] + "\n")
     plot_length(out, tasks, results / "length.png")
-    print("\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n\n" + summary["markdown"])
+    print("\n".join(lines) + "\n\n" + summary["markdown"])
     return {"runs": out, "differences": table, "paired": summary}
 
 
-def summary_by_length(out, tasks, rows):
-    """Per length, over the seeds that have both rows: the paired Δm difference rows[0] − rows[1] and each
-    task's paired headline difference (signed so that positive = rows[0] better), with 95% t-intervals;
+def summary_by_length(out, tasks, rows, results):
+    """Per length, over the seeds that have both rows: r of rows[0] against rows[1] (primary.relative_difference)
+    per seed, tested in the family "primary" when the rows are kem and none (else a family of their own), each
+    task's relative difference (descriptive), and the change of r against the shortest length (family "length");
     and per (row, length) the seeds' mean 'still improving' change."""
     by = {(o["row"], o["seed"], o["steps"]): o for o in out}
-    a_row, b_row = (list(rows) + [None])[:2]                   # one row alone: no pairs, the table stays empty
-    lines = [f"Paired by seed, {a_row} − {b_row}, mean [95% t-interval]; per task positive = {a_row} better:", "",
-             "| steps | seeds | Δm difference | " + " | ".join(label(t) for t in tasks) + " |",
-             "|---:|---:|---:|" + "---:|" * len(tasks)]
+    a_row, b_row = (list(rows) + [None])[:2]                   # one row alone: no pairs, the tables stay empty
     per_length = []
     for steps in sorted({o["steps"] for o in out}):
-        pairs = [(by[a_row, s, steps], by[b_row, s, steps]) for s in sorted({o["seed"] for o in out})
-                 if (a_row, s, steps) in by and (b_row, s, steps) in by]
-        if not pairs:
+        seeds = [s for s in sorted({o["seed"] for o in out}) if (a_row, s, steps) in by and (b_row, s, steps) in by]
+        if not seeds:
             continue
-        seeds = [a["seed"] for a, _ in pairs]
-        dm = paired({a["seed"]: a["delta_m"] for a, _ in pairs if a["delta_m"] is not None},
-                    {b["seed"]: b["delta_m"] for _, b in pairs if b["delta_m"] is not None})
-        task_stats = {t: paired({a["seed"]: metrics.HEADLINE[t][1] * a["headline"][t] for a, _ in pairs},
-                                {b["seed"]: metrics.HEADLINE[t][1] * b["headline"][t] for _, b in pairs})
+        r = [primary.relative_difference(by[a_row, s, steps]["metrics"], by[b_row, s, steps]["metrics"]) for s in seeds]
+        task_stats = {t: paired(*({s: 100 * metrics.HEADLINE[t][1] * by[row, s, steps]["headline"][t]
+                                   / by[b_row, s, steps]["headline"][t] for s in seeds} for row in (a_row, b_row)))
                       for t in tasks}
-        per_length.append({"steps": steps, "seeds": seeds, "delta_m": dm, "tasks": task_stats})
-        lines.append(f"| {steps} | {len(seeds)} | {ci(dm)} ({verdict(dm)}) | "
-                     + " | ".join(ci(task_stats[t], digits=3) for t in tasks) + " |")
+        per_length.append({"steps": steps, "seeds": seeds, "r": {"label": f"{steps} steps", "seeds": seeds,
+                                                                  "differences": r}, "tasks": task_stats})
+    if (a_row, b_row) == ("kem", "none"):                      # the primary comparison: tested in its own family
+        tested = {m["steps"]: m for m in primary.primary_family(results, tasks) if m["data"] == "0"}
+        for p in per_length:
+            if p["steps"] in tested:                           # the same records, so the same per-seed r
+                p["r"] = {**p["r"], **tested[p["steps"]]}
+        untested = [p["r"] for p in per_length if "family" not in p["r"]]
+        if untested:
+            stats.family(f"length {a_row} − {b_row}", untested)
+    else:
+        stats.family(f"length {a_row} − {b_row}", [p["r"] for p in per_length])
+    lines = [f"{a_row} − {b_row} on the scale r (%; positive = {a_row} better), paired by seed:", "",
+             stats.COLUMNS, stats.RULE] + [stats.row(p["r"], p["r"]["label"]) for p in per_length]
+    if per_length:
+        name = per_length[0]["r"]["family"]
+        lines += ["", stats.family_note(name, [p["r"] for p in per_length])
+                  + (" The family's other members are in results/primary.md." if name == "primary" else ""),
+                  "", "Per task (descriptive, not tested): the relative difference, %, positive = "
+                  f"{a_row} better, mean and unadjusted 95% t-interval:", "",
+                  "| steps | seeds | " + " | ".join(label(t) for t in tasks) + " |", "|---:|---:|" + "---:|" * len(tasks)]
+        lines += [f"| {p['steps']} | {len(p['seeds'])} | " + " | ".join(ci(p["tasks"][t]) for t in tasks) + " |"
+                  for p in per_length]
     if len(per_length) > 1:                                    # does the difference move with the length?
         first = per_length[0]
-        lines += ["", f"Change of the Δm difference against {first['steps']} steps, paired by seed:", "",
-                  "| steps | seeds | change |", "|---:|---:|---:|"]
+        changes = []
         for p in per_length[1:]:
-            p["change_from_shortest"] = paired(dict(zip(p["delta_m"]["seeds"], p["delta_m"]["differences"])),
-                                               dict(zip(first["delta_m"]["seeds"], first["delta_m"]["differences"])))
-            change = p["change_from_shortest"]
-            lines.append(f"| {p['steps']} | {change['n']} | {ci(change)} ({verdict(change)}) |")
+            p["change_from_shortest"] = paired(dict(zip(p["r"]["seeds"], p["r"]["differences"])),
+                                               dict(zip(first["r"]["seeds"], first["r"]["differences"])))
+            p["change_from_shortest"]["label"] = f"r at {p['steps']} − r at {first['steps']} steps"
+            changes.append(p["change_from_shortest"])
+        stats.family("length", changes)
+        lines += ["", f"Change of r against {first['steps']} steps, paired by seed:", "", stats.COLUMNS, stats.RULE]
+        lines += [stats.row(c, c["label"]) for c in changes] + ["", stats.family_note("length", changes)]
     lines += ["", "Still improving (mean over seeds of the headline's relative change over the last 40% of the run, "
               "positive = better):", "", "| row | steps | seeds | " + " | ".join(label(t) for t in tasks) + " |",
               "|---|---:|---:|" + "---:|" * len(tasks)]

@@ -1,7 +1,7 @@
 """experiments.py and studies/: the pieces the results stand on, on tiny sizes.
 
-Pinned down: the paired t-interval against a hand-computed example (and the "real" verdict only when
-it excludes zero); the softmax-leak simulation (noiseless scores give the bound, k = N gives softmax);
+Pinned down: the paired t-interval against a hand-computed example (the families, Holm and the verdicts
+are in test_stats.py); the softmax-leak simulation (noiseless scores give the bound, k = N gives softmax);
 the distractor hooks (k held at the real tokens' k while distractors are present and restored after;
 "other" distractors are another image's tokens, a batch of one takes the previous batch's; nothing
 reaches the tokens without an exchange); the slot-selection measures on hand-made attention; the
@@ -39,10 +39,10 @@ def test_paired_interval_matches_a_hand_computed_example():
     assert res["differences"] == [1.0, 2.0, 2.0, 3.0]
     assert res["mean"] == pytest.approx(2.0)
     assert res["ci95"] == pytest.approx([2 - half, 2 + half], rel=1e-9), res
-    assert res["real"], "the interval [0.70, 3.30] excludes zero"
+    assert res["excludes_zero"], "the interval [0.70, 3.30] excludes zero"
     spans_zero = stats.paired({0: 1.0, 1: -1.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0})
-    assert spans_zero["ci95"][0] < 0 < spans_zero["ci95"][1] and not spans_zero["real"]
-    assert stats.t_interval([0.0, 0.0, 0.0])["real"] is False, "no spread at zero is not a difference"
+    assert spans_zero["ci95"][0] < 0 < spans_zero["ci95"][1] and not spans_zero["excludes_zero"]
+    assert stats.t_interval([0.0, 0.0, 0.0])["excludes_zero"] is False, "no spread at zero is not a difference"
     assert stats.t_interval([1.5])["ci95"] is None
 
 
@@ -263,8 +263,10 @@ def test_a_tiny_ablation_writes_records_and_tables(tiny_ablation, monkeypatch):
     assert rows["kem"]["per_seed"][0]["delta_m"] is not None and rows["single-task sal"]["delta_m"] is None
     (comparison,) = report["comparisons"]
     assert (comparison["a"], comparison["b"], comparison["seeds"]) == ("kem", "none", [0])
-    assert comparison["differences"][0] == pytest.approx(rows["kem"]["per_seed"][0]["delta_m"]
-                                                         - rows["none"]["per_seed"][0]["delta_m"])
+    kem, none = rows["kem"]["per_seed"][0], rows["none"]["per_seed"][0]
+    assert comparison["differences"][0] == pytest.approx(kem["delta_m_mean_baseline"] - none["delta_m_mean_baseline"])
+    assert kem["delta_m"] == pytest.approx(kem["delta_m_mean_baseline"]), "one seed: its own baselines are the mean"
+    assert comparison["family"] == "ablation Δm" and comparison["verdict"] == "one seed"
     for name in ("ablation.json", "ablation.md", "comparisons.json", "comparisons.md", "learning_curve.png",
                  "selection.json", "selection.md", "selection.png"):
         assert (results / name).exists(), name
@@ -289,28 +291,31 @@ def test_a_tiny_distractor_experiment_evaluates_and_trains(tiny_ablation):
 
 
 def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(tiny_ablation):
-    """kem and none at 4 steps beside the ablation's 2-step runs of the same seed; kem − none per length."""
+    """kem and none at 4 steps beside the ablation's 2-step runs of the same seed; kem − none per length on the
+    primary scale r (kem's relative difference against none), tested in the family "primary"."""
     base, _, _ = tiny_ablation
     results = base / "results"
     out = length.main(["--tasks", "depth,sal", "--seeds", "0", "--lengths", "4", "--eval-interval", "2",
                               "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
     assert set(runner.load_records(results, "length")) == {("kem 4 steps", 0), ("none 4 steps", 0)}
     assert sorted((r["row"], r["steps"]) for r in out["runs"]) == [("kem", 2), ("kem", 4), ("none", 2), ("none", 4)]
-    dm = {(r["row"], r["steps"]): r["delta_m"] for r in out["runs"]}
+    runs = {(r["row"], r["steps"]): r for r in out["runs"]}
+    r = {steps: metrics.delta_m(runs["kem", steps]["metrics"], runs["none", steps]["metrics"]) for steps in (2, 4)}
     assert [d["steps"] for d in out["differences"]] == [2, 4]
     for d in out["differences"]:
-        assert d["difference"] == pytest.approx(dm["kem", d["steps"]] - dm["none", d["steps"]])
+        assert d["difference"] == pytest.approx(r[d["steps"]])
     summary = {p["steps"]: p for p in out["paired"]["per_length"]}          # one seed: the mean is the difference
     assert sorted(summary) == [2, 4]
     for steps, p in summary.items():
-        assert p["seeds"] == [0] and p["delta_m"]["mean"] == pytest.approx(dm["kem", steps] - dm["none", steps])
-        runs = {r["row"]: r for r in out["runs"] if r["steps"] == steps}
+        assert p["seeds"] == [0] and p["r"]["mean"] == pytest.approx(r[steps]) and p["r"]["family"] == "primary"
+        kem, none = (runs[row, steps]["headline"]["depth"] for row in ("kem", "none"))
         sign = metrics.HEADLINE["depth"][1]
-        assert p["tasks"]["depth"]["mean"] == pytest.approx(sign * (runs["kem"]["headline"]["depth"]
-                                                                    - runs["none"]["headline"]["depth"]))
+        assert p["tasks"]["depth"]["mean"] == pytest.approx(100 * sign * (kem - none) / none)
     change = summary[4]["change_from_shortest"]                            # (kem − none at 4) − (at 2)
-    assert change["mean"] == pytest.approx(summary[4]["delta_m"]["mean"] - summary[2]["delta_m"]["mean"])
+    assert change["mean"] == pytest.approx(r[4] - r[2]) and change["family"] == "length"
+    assert "Δm" not in (results / "length.md").read_text().split("Regenerate")[1], "no Δm at other lengths"
     assert (results / "length.md").exists() and (results / "length.png").exists()
+
 
 def test_a_tiny_imbalance_run_is_paired_with_the_ablations_run(tiny_ablation):
     """kem on the imbalanced split with the ablation's flags: its record carries the stability over the two
@@ -331,7 +336,7 @@ def test_a_tiny_imbalance_run_is_paired_with_the_ablations_run(tiny_ablation):
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments.py")], capture_output=True, text=True)
     assert proc.returncode == 2 and "python experiments.py ablation" in proc.stdout
-    for name in ("ablation", "leak", "distractors", "length", "imbalance"):
+    for name in ("primary", "ablation", "leak", "distractors", "length", "imbalance"):
         with pytest.raises(SystemExit) as exit_:
             experiments.main([name, "--help"])
         assert exit_.value.code == 0 and f"experiments.py {name}" in capsys.readouterr().out
