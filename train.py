@@ -62,8 +62,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import datasets
 import metrics
-from kem_mtl import (BACKBONES, ETF_MODES, EXCHANGES, MultiTaskNet, WeightsUnavailable, check_network_options,
-                     fetch_pretrained_weights)
+from kem_mtl import BACKBONES, ETF_MODES, EXCHANGES, MultiTaskNet
+from train_support import WeightsUnavailable, check_network_options, fetch_pretrained_weights
 
 # --- presets: every default, per dataset ------------------------------------------------------
 # nyud / pascal follow the field's protocol (REFERENCE §6); the synthetic preset is ours, sized so
