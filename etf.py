@@ -35,16 +35,16 @@ so a seed fixes the frame.
 
 Why the paper uses it
 ---------------------
-[PAPER] "Before input to KEM, we projected the features into ETF space"; the ETF variant is
+[paper] "Before input to KEM, we projected the features into ETF space"; the ETF variant is
 called sKEM (stable KEM) and is meant to stabilise the top-k token selection when the data are
-imbalanced. [OURS] How we read that, and what this file provides for it:
+imbalanced. [ours] How we read that, and what this file provides for it:
 - features: tokens are L2-normalised and expressed in ETF coordinates, x -> normalize(x) @ E
   (ETFProjection below). Each output coordinate is the cosine between the token and one of K
   maximally separated directions, so no direction of feature space is favoured by the frame itself.
-- slots: the memory slots of KEM are fixed ETF vectors (kem_mtl.KEM(slots="etf") calls
-  simplex_etf), so the slots themselves are maximally and equally separated. The intent is that
-  they select different tokens instead of all chasing the dominant ones; whether they do is
-  measured, not assumed (experiments.py ablation: overlap of the slots' top-k sets).
+- slots: the L memory slots of KEM are fixed ETF vectors (the rows of simplex_etf(L, D).T), so the
+  slots themselves are maximally and equally separated. The intent is that they select different
+  tokens instead of all chasing the dominant ones; whether they do is a thing to measure (for
+  instance, how much the slots' top-k sets overlap), not to assume.
 In the neural-collapse literature the frame is fixed, not learned; so here it is a buffer.
 
 Notes:
@@ -95,13 +95,17 @@ class ETFProjection(nn.Module):
     (..., dim) -> (..., num_vectors), default num_vectors = dim. The frame E (dim, num_vectors) is a
     registered buffer: it is saved in the state_dict, moves with .to(), and is never trained. It is
     drawn from a generator seeded with `seed`, so two modules built alike hold the same frame.
+    device, dtype: where and in which float type E is made, as for torch.nn layers (the frame is
+    always computed on the CPU in float64, then moved and cast).
     """
 
-    def __init__(self, dim, num_vectors=None, *, seed=0):
+    def __init__(self, dim, num_vectors=None, *, seed=0, device=None, dtype=None):
         super().__init__()
         num_vectors = dim if num_vectors is None else num_vectors
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("E", simplex_etf(num_vectors, dim, generator=generator))  # (d, K)
+        E = simplex_etf(num_vectors, dim, generator=generator,
+                        dtype=dtype if dtype is not None else torch.get_default_dtype())
+        self.register_buffer("E", E.to(device))                        # (d, K)
 
     def forward(self, x):
         # Normalising first makes every output coordinate a cosine: <x/|x|, e_k> in [-1, 1].

@@ -2,17 +2,26 @@
 the multi-task network around them.
 
 Implements *SGW-based Multi-Task Learning in Vision Tasks* (Zhang et al., ACCV 2024,
-arXiv:2410.03778). Imports torch and etf.py; torchvision only when a pretrained backbone is asked for.
+arXiv:2410.03778). Imports only torch; etf.py (the simplex ETF) only for ETF slots or ETF features,
+torchvision only when a torchvision backbone is asked for.
+
+Using it in your own code: copy kem_mtl.py (and etf.py beside it if you want ETF slots or
+features) into your project, as top-level modules (`from kem_mtl import KEM`) or inside a package
+of yours (`from .kem_mtl import KEM`). KEM and CrossTaskAttention take tokens (B, N, D) and return
+tokens (B, N, D); a (B, D, h, w) map becomes tokens with x.flatten(2).transpose(1, 2) and comes back
+with x.transpose(1, 2).reshape(B, D, h, w). MultiTaskNet.forward shows the whole round trip: a
+per-task embedding added to each task's tokens (KEM is permutation-equivariant, so without it the
+tasks cannot be told apart), all tasks concatenated, one KEM, the result split back per task.
 
 The argument
 ------------
-[PAPER] Multi-task methods that exchange information by cross-attention (every task's tokens
+[paper] Multi-task methods that exchange information by cross-attention (every task's tokens
 attend to every other task's tokens) let noise through: softmax never gives an exact zero, so
 every irrelevant token leaks a little into every output, and the leak grows with the number of
 tokens (resolution x tasks). The fix is an information bottleneck: a few memory slots that each
 *select* only their top-k tokens, then broadcast what they took back to every token. It also makes
 the cost linear in the number of tokens instead of quadratic.
-[OURS] A bound that makes the leak concrete (our reconstruction of the argument): for a query with
+[ours] A bound that makes the leak concrete (our reconstruction of the argument): for a query with
 scores <= s_max on |S| relevant tokens and >= s_min on |N| irrelevant ones, softmax puts at least
 |N| e^s_min / (|S| e^s_max + |N| e^s_min) of its mass on the irrelevant ones, which tends to 1 as
 |N| grows. A top-k mask puts exactly 0 there whenever the k best scores are the relevant ones.
@@ -22,16 +31,16 @@ KEM, the paper's equations (F: N tokens of width D; R: L memory slots, L << N; s
     Retrieve:   R^ = topk-softmax( (R W_qr)(F W_kr)^T / sqrt(D) ) (F W_vr)      (L, D)   eq. R
     Write:      F^ = softmax( (F W_qw)(R^ W_kw)^T / sqrt(D) ) (R^ W_vw)         (N, D)   eq. W
     Broadcast:  F <- F + w_r F^,   w_r = 1                                               eq. B
-Cost [PAPER]: O(4 L N D + 3 N D^2) + O(L N), linear in N; cross-attention is O(N^2 D).
-[OURS] Reassociating the products (KEM.forward) removes the 3 N D^2 term: no D x D projection
+Cost [paper]: O(4 L N D + 3 N D^2) + O(L N), linear in N; cross-attention is O(N^2 D).
+[ours] Reassociating the products (KEM.forward) removes the 3 N D^2 term: no D x D projection
 touches the N tokens, only the L slots, so KEM costs O(4 L N D + 6 L D^2) plus the top-k.
 KEM.forward_literal is the same function written exactly as the three equations above; the two sit
-side by side in the class, and a test checks that they agree.
+side by side in the class and agree to float rounding (to 1e-12 in float64).
 In code the six matrices are D x D parameters named as in the paper and oriented as in the paper
 (tokens are rows: the paper's F W is `F @ W`), and F is the token matrix, which is why
 torch.nn.functional is imported here as `nnf`.
 
-What the paper leaves open and how we read it [OURS]
+What the paper leaves open and how we read it [ours]
 ----------------------------------------------------
 - topk-softmax: default "mask" (scores outside a row's top-k set to -inf, then softmax: each slot's
   weights sum to 1 over exactly k tokens); "post" (softmax, then zero all but the top-k, no
@@ -43,8 +52,8 @@ What the paper leaves open and how we read it [OURS]
 - R is a learned (L, D) parameter shared over the batch; "re-parameterisation" in Retrieve is read
   as the learned projections (no sampling, no KL term).
 - sKEM: "features" = tokens projected into ETF space before KEM; "slots" = R fixed to a simplex
-  ETF; "both" (see etf.py); "normalize" = tokens L2-normalised only, the control that separates
-  the frame from the normalisation it includes.
+  ETF; "both" (the frame itself is in etf.py); "normalize" = tokens L2-normalised only, the control
+  that separates the frame from the normalisation it includes.
 - The network: shared backbone -> one small encoder per task -> tokens -> exchange -> one
   decoder per task, with a skip connection from the backbone's stride-4 features (ours).
 
@@ -57,24 +66,55 @@ Notes:
   decoders still see a spatial map.
 - New layers use GroupNorm, not BatchNorm, so a batch of 2 (the field's protocol) and several
   processes under DDP behave like one large batch.
+- Half precision: KEM.forward applies 1/sqrt(D) to the L x D slot tensors before they meet the N
+  tokens, so in fp16 the scores overflow only if the scaled scores themselves would.
+- Deployment: KEM works under torch.compile (also dynamic=True), torch.export with a dynamic
+  token count and torch.jit.trace; k is computed so that the tracers record it as a formula in N.
 """
 import math
-import os
-import urllib.error
+import numbers
+import operator
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf   # `F` is the paper's token matrix below
-
-from etf import ETFProjection, check_frame_size, simplex_etf
 
 EXCHANGES = ("kem", "cross", "none")
 ETF_MODES = ("none", "features", "slots", "both", "normalize")
 BACKBONES = ("tiny", "swin_t", "swin_s", "swin_b", "resnet18", "resnet50")
 
 
+def _etf():
+    """etf.py, imported when first needed. The simplex ETF is needed only for ETF slots
+    (KEM(slots="etf")) or ETF features (MultiTaskNet(etf="features" or "both")): kem_mtl.py alone
+    does everything else. etf.py is looked for beside this file in its package first (from . import
+    etf), then as a top-level module (import etf), so both files work as a package's modules and as
+    top-level ones."""
+    try:
+        from . import etf                        # kem_mtl.py in a package, etf.py beside it
+    except ImportError:
+        try:
+            import etf                           # kem_mtl.py as a top-level module
+        except ImportError as error:
+            raise ImportError("ETF slots and ETF features need etf.py (the simplex ETF) next to kem_mtl.py; "
+                              "copy it there, or use slots='learned' / etf='none'") from error
+    return etf
+
+
 # ----------------------------------------------------------------------------------------------
 # top-k softmax: the selection that makes KEM a bottleneck
+
+def _integer(value):
+    """value as a Python int if it is an integer of any kind (int, a NumPy integer, a 0-d integer
+    tensor; not a bool), else None."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
 
 def topk_softmax(scores, k, dim=-1, mode="mask"):
     """Softmax that gives non-zero weight to at most the k largest scores along `dim`.
@@ -83,47 +123,105 @@ def topk_softmax(scores, k, dim=-1, mode="mask"):
     mode="post": softmax over everything, then all but the top-k weights set to 0 (they sum to < 1).
     k >= scores.size(dim) returns plain softmax, exactly. Ties are broken by torch.topk, so exactly
     k entries survive even when scores tie (in bfloat16 they often do). Gradients: "mask" passes none
-    to the dropped scores; "post" does, through softmax's denominator.
+    to the dropped scores; "post" does, through softmax's denominator. k may also be a symbolic size
+    (torch.export with dynamic shapes) or a traced 0-d tensor (torch.jit.trace), as resolve_topk
+    gives it; it must then lie in [1, N].
     """
     if mode not in ("mask", "post"):
         raise ValueError(f"mode must be 'mask' or 'post', got {mode!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k >= scores.size(dim):
-        return scores.softmax(dim)
-    index = scores.topk(k, dim=dim, sorted=False).indices
-    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(dim, index, True)
+    if isinstance(k, torch.SymInt) or torch.jit.is_tracing() and isinstance(k, torch.Tensor):
+        # k is a formula in a symbolic N (torch.export) or a traced tensor (torch.jit.trace). torch.topk
+        # would make torch.export prove k <= N and k != 1 for every N, which it cannot, and would fix a
+        # traced k, so the top-k set is taken by rank instead: no shape depends on k. Ties are broken
+        # by position (the earlier score wins), where torch.topk breaks them its own way.
+        rank = scores.argsort(dim=dim, descending=True, stable=True).argsort(dim=dim)   # 0: the row's largest
+        keep = rank < k
+    else:
+        count = k if isinstance(k, int) and not isinstance(k, bool) else _integer(k)   # torch.compile's k is an int
+        if count is None or count < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if count >= scores.size(dim):
+            return scores.softmax(dim)
+        index = scores.topk(count, dim=dim, sorted=False).indices
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(dim, index, True)   # out of place: jit.trace-able
     if mode == "mask":
         # -inf is exact in every float format, so the masked weights are exactly 0, also in fp16.
         return scores.masked_fill(~keep, float("-inf")).softmax(dim)
     return scores.softmax(dim) * keep
 
 
+def _as_topk(topk):
+    """topk as a Python int (a count) or float (a fraction), whatever number type it came as; a
+    value of no number type comes back as it is, for resolve_topk to refuse."""
+    count = _integer(topk)
+    if count is not None:
+        return count
+    if isinstance(topk, numbers.Real) and not isinstance(topk, bool) or \
+            isinstance(topk, torch.Tensor) and topk.dim() == 0 and topk.is_floating_point():
+        return float(topk)
+    return topk
+
+
 def resolve_topk(topk, num_tokens):
-    """k as a count: an int is used as is (capped at N); a float in (0, 1] is a fraction of N."""
-    count = isinstance(topk, int) and not isinstance(topk, bool)
-    if not (count and topk >= 1 or isinstance(topk, float) and 0.0 < topk <= 1.0):
+    """k, the number of tokens each slot keeps, for N = num_tokens tokens.
+
+    topk is a count, an integer of any type (Python, NumPy, a 0-d integer tensor), used as is and
+    capped at N; or a fraction of N, a float in (0, 1], rounded up and at least 1. So topk=1 keeps
+    one token and topk=1.0 keeps all of them. num_tokens may be a symbolic size (torch.export,
+    torch.compile with dynamic shapes): sym_min / sym_max then record k as a formula in N instead
+    of fixing it for the N being traced; with Python ints they are min and max. Under
+    torch.jit.trace N is a traced 0-d tensor and k comes back as one, computed by the same formula.
+    """
+    value = _as_topk(topk)
+    is_count = isinstance(value, int) and not isinstance(value, bool)
+    if not (is_count and value >= 1 or isinstance(value, float) and 0.0 < value <= 1.0):
         raise ValueError(f"topk must be a count >= 1 or a fraction in (0, 1], got {topk!r}; try 0.25 or 64")
-    return min(topk, num_tokens) if count else max(1, math.ceil(topk * num_tokens))
+    if torch.jit.is_tracing() and isinstance(num_tokens, torch.Tensor):   # torch.jit.trace: N is a traced tensor
+        k = num_tokens.clamp(max=value) if is_count else torch.ceil(num_tokens.double() * value).long().clamp(1)
+        return k.clamp(max=num_tokens)                                          # the same formula, traced
+    k = value if is_count else torch.sym_max(1, math.ceil(value * num_tokens))
+    return torch.sym_min(k, num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
 # The exchange modules: KEM (the paper's) and full cross-attention (the baseline it criticises)
 
-def _projection(dim):
+def _projection(dim, device=None, dtype=None):
     """A D x D matrix W in the paper's orientation (a token row x maps to x W), initialised like
     nn.Linear: U(-1/sqrt(D), 1/sqrt(D))."""
-    W = torch.empty(dim, dim)
+    W = torch.empty(dim, dim, device=device, dtype=dtype)
     nn.init.uniform_(W, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
     return nn.Parameter(W)
+
+
+def _check_tokens(module, F):
+    """ValueError unless F is (B, N, D) with the module's D, saying what came and how to get there."""
+    D = module.dim
+    if F.dim() == 3 and (torch.jit.is_tracing() or F.shape[-1] == D):   # traced sizes are tensors: not checked
+        return
+    name, shape = type(module).__name__, tuple(F.shape)
+    if F.dim() == 3:
+        hint = (f"the tokens are {shape[-1]} wide: project them to {D} (e.g. nn.Linear({shape[-1]}, {D})) "
+                f"or build {name}(dim={shape[-1]})")
+    elif F.dim() == 4:
+        hint = ("a (B, C, h, w) map becomes tokens with x.flatten(2).transpose(1, 2), "
+                "a channels-last (B, h, w, C) map with x.flatten(1, 2)")
+    elif F.dim() == 2:
+        hint = "tokens of one sample need a batch dimension: F.unsqueeze(0)"
+    else:
+        hint = "tokens are a batch of sequences of D-wide vectors"
+    raise ValueError(f"{name} expects tokens of shape (B, N, D) with D = dim = {D}, got a tensor of shape {shape}; {hint}")
 
 
 class KEM(nn.Module):
     """Knowledge Extraction Module: Retrieve (top-k), Write, Broadcast. (B, N, D) -> (B, N, D).
 
-    dim: token width D. num_slots: L. topk: k as a count (int) or a fraction of N (float in (0, 1]).
-    slots: "learned" (R is a parameter) or "etf" (R is a fixed simplex ETF, the sKEM "slots" reading;
-    needs dim >= num_slots - 1). topk_mode: "mask" or "post", see topk_softmax.
+    dim: token width D. num_slots: L. topk: k, how many tokens each slot keeps: a count (an integer
+    of any type, capped at N) or a fraction of N (a float in (0, 1], rounded up); topk=1 is one
+    token, topk=1.0 is all of them. slots: "learned" (R is a parameter) or "etf" (R is a fixed
+    simplex ETF, the sKEM "slots" reading; needs dim >= num_slots - 1 and etf.py). topk_mode:
+    "mask" or "post", see topk_softmax. device, dtype: where and in which float type the weights are
+    made, as for torch.nn layers.
 
     The six projections are D x D matrices named and oriented as in the paper (tokens are rows, so
     the paper's F W is `F @ W`). Two forward passes compute the same function:
@@ -131,21 +229,41 @@ class KEM(nn.Module):
     - `forward` reassociates the products so that no D x D matrix multiplies the N tokens (ours):
           (R W_qr)(F W_kr)^T = ((R W_qr) W_kr^T) F^T          A_r (F W_vr) = (A_r F) W_vr
           (F W_qw)(R^ W_kw)^T = F ((R^ W_kw) W_qw^T)^T
-      which turns the paper's 3 N D^2 term into 6 L D^2. The two agree up to float rounding (a test
-      pins it down); `forward` is the one the network uses.
+      which turns the paper's 3 N D^2 term into 6 L D^2, and applies 1/sqrt(D) to those L x D
+      tensors before they meet the tokens (in fp16 the unscaled N-long scores overflow first). The
+      two agree up to float rounding; `forward` is the one the network uses.
+
+    Notes:
+    - k = 1 (topk=1, or a fraction of a small N) stops the selection from learning: a softmax over
+      one token is the constant 1, so R, W_qr and W_kr receive no gradient. KEM warns once when k
+      resolves to 1.
+    - The settings that define the function (dim, num_slots, topk, topk_mode, slots) are saved in
+      the state_dict (its `_extra_state` entry, a dict) and load_state_dict refuses weights saved
+      with other settings, naming both. State_dicts without the entry (saved before it existed, or
+      with it filtered out, e.g. for a tensors-only format such as safetensors) load unchecked.
+    - torch.export with a dynamic token count, torch.compile(dynamic=True) and torch.jit.trace all
+      record k as a formula in N (resolve_topk), so the traced module is right at every N. Under
+      torch.export and jit.trace the top-k set is taken by rank (topk_softmax), which can break exact
+      ties differently from eager mode.
     """
 
-    def __init__(self, dim, num_slots=16, topk=0.25, *, slots="learned", topk_mode="mask"):
+    def __init__(self, dim, num_slots=16, topk=0.25, *, slots="learned", topk_mode="mask", device=None,
+                 dtype=None):
         super().__init__()
         KEM.check_options(dim, num_slots, topk, slots=slots, topk_mode=topk_mode)
-        self.dim, self.num_slots, self.topk, self.topk_mode = dim, num_slots, topk, topk_mode
-        self.W_qr, self.W_kr, self.W_vr = _projection(dim), _projection(dim), _projection(dim)   # Retrieve
-        self.W_qw, self.W_kw, self.W_vw = _projection(dim), _projection(dim), _projection(dim)   # Write
+        self.dim, self.num_slots, self.topk, self.topk_mode, self.slots = dim, num_slots, _as_topk(topk), topk_mode, slots
+        factory = {"device": device, "dtype": dtype}
+        self.W_qr, self.W_kr, self.W_vr = (_projection(dim, **factory) for _ in range(3))   # Retrieve
+        self.W_qw, self.W_kw, self.W_vw = (_projection(dim, **factory) for _ in range(3))   # Write
         if slots == "learned":
-            self.R = nn.Parameter(torch.randn(num_slots, dim) / math.sqrt(dim))   # (L, D), rows ~unit norm
+            self.R = nn.Parameter(torch.randn(num_slots, dim, **factory) / math.sqrt(dim))   # (L, D), rows ~unit norm
         else:
             generator = torch.Generator().manual_seed(0)
-            self.register_buffer("R", simplex_etf(num_slots, dim, generator=generator).T)  # (L, D) unit rows
+            frame = _etf().simplex_etf(num_slots, dim, generator=generator,
+                                       dtype=dtype if dtype is not None else torch.get_default_dtype())
+            self.register_buffer("R", frame.T.to(device))                  # (L, D) unit rows, fixed
+        self._warned_k1 = False
+        self.register_load_state_dict_pre_hook(KEM._check_saved_settings)
 
     @staticmethod
     def check_options(dim, num_slots, topk, *, slots="learned", topk_mode="mask"):
@@ -161,24 +279,42 @@ class KEM(nn.Module):
         resolve_topk(topk, 1)                         # the rule for k lives there; resolved per input (N varies)
         if slots == "etf":
             try:
-                check_frame_size(num_slots, dim)      # the ETF's own rule lives in etf.py
+                _etf().check_frame_size(num_slots, dim)   # the ETF's own rule lives with the ETF
             except ValueError as error:
                 raise ValueError(f"slots='etf' with num_slots={num_slots}: {error}") from None
 
-    def forward(self, F, return_attention=False):
-        """The fast form (reassociated, see the class docstring). F: (B, N, D) tokens of all tasks."""
-        B, N, D = F.shape
+    def _top_k(self, N):
+        """k for N tokens, with the one-time warning when it is 1 (Python ints only: a symbolic k
+        under tracing is left alone, so no branch on N enters the graph)."""
         top_k = resolve_topk(self.topk, N)
-        scale = 1.0 / math.sqrt(D)
+        if isinstance(top_k, int) and top_k == 1 and not self._warned_k1:
+            self._warned_k1 = True
+            warnings.warn(f"KEM keeps k = 1 token per slot here (topk={self.topk!r}, N={N} tokens): a softmax over "
+                          f"one token is constant, so the slot queries (R, W_qr, W_kr) receive no gradient and the "
+                          f"selection does not learn. Keep k >= 2: a larger count or fraction, or more tokens "
+                          f"(warned once per module)")
+        return top_k
+
+    def forward(self, F, return_attention=False):
+        """The fast form (reassociated, see the class docstring). F: (B, N, D) tokens of all tasks.
+
+        Returns the updated tokens (B, N, D); with return_attention=True, (tokens, {"retrieve": A_r
+        (B, L, N), each slot's weights over the tokens, k non-zeros a row in "mask" mode; "write": A_w
+        (B, N, L), each token's weights over the slots, rows summing to 1}).
+        """
+        _check_tokens(self, F)
+        B, N, D = F.shape
+        top_k = self._top_k(N)
+        scale = 1.0 / math.sqrt(self.dim)                                # = 1/sqrt(D), also when D is traced
         R, W_qr, W_kr, W_vr, W_qw, W_kw, W_vw = (self.R, self.W_qr, self.W_kr, self.W_vr,
                                                  self.W_qw, self.W_kw, self.W_vw)
         # Retrieve (eq. R): each slot scores every token and keeps its top_k best.
-        Q_r = (R @ W_qr) @ W_kr.T                                        # (L, D): slot queries, in token space
-        A_r = topk_softmax(Q_r @ F.transpose(1, 2) * scale, top_k, mode=self.topk_mode)  # (B, L, N), top_k non-zeros a row
+        Q_r = (R @ W_qr) @ W_kr.T * scale                                # (L, D): slot queries in token space, scaled
+        A_r = topk_softmax(Q_r @ F.transpose(1, 2), top_k, mode=self.topk_mode)   # (B, L, N), top_k non-zeros a row
         R_hat = (A_r @ F) @ W_vr                                         # (B, L, D) = A_r (F W_vr)
         # Write (eq. W): every token reads from the L filled slots, plain softmax over L.
-        K_w = (R_hat @ W_kw) @ W_qw.T                                    # (B, L, D): slot keys, in token space
-        A_w = (F @ K_w.transpose(1, 2) * scale).softmax(dim=-1)          # (B, N, L)
+        K_w = (R_hat @ W_kw) @ W_qw.T * scale                            # (B, L, D): slot keys in token space, scaled
+        A_w = (F @ K_w.transpose(1, 2)).softmax(dim=-1)                  # (B, N, L)
         F_hat = A_w @ (R_hat @ W_vw)                                     # (B, N, D)
         out = F + F_hat                                                  # Broadcast (eq. B), w_r = 1
         if return_attention:
@@ -186,9 +322,11 @@ class KEM(nn.Module):
         return out
 
     def forward_literal(self, F):
-        """The paper's equations exactly as written (slow: every D x D matrix meets all N tokens)."""
+        """The paper's equations exactly as written (slow: every D x D matrix meets all N tokens).
+        F: (B, N, D) -> (B, N, D)."""
+        _check_tokens(self, F)
         N, D = F.shape[-2:]
-        top_k = resolve_topk(self.topk, N)
+        top_k = self._top_k(N)
         R = self.R
         R_hat = topk_softmax((R @ self.W_qr) @ (F @ self.W_kr).transpose(-2, -1) / math.sqrt(D),
                              top_k, mode=self.topk_mode) @ (F @ self.W_vr)                       # eq. R
@@ -196,9 +334,35 @@ class KEM(nn.Module):
             @ (R_hat @ self.W_vw)                                                                 # eq. W
         return F + F_hat                                                                          # eq. B
 
+    # --- the settings travel with the weights ---
+
+    def get_extra_state(self):
+        return {"dim": self.dim, "num_slots": self.num_slots, "topk": self.topk, "topk_mode": self.topk_mode,
+                "slots": self.slots}
+
+    def set_extra_state(self, state):
+        """Nothing to set: the settings are fixed when the module is built; loading only compares them
+        (in _check_saved_settings, which runs first)."""
+
+    def _check_saved_settings(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """load_state_dict's pre-hook: weights saved with other settings are refused, naming both values.
+        A state_dict without settings (saved before they were saved) is taken as it is."""
+        key = prefix + "_extra_state"
+        saved, own = state_dict.get(key), self.get_extra_state()
+        if saved is None:
+            state_dict[key] = own                 # load_state_dict works on its own copy of the dict
+            return
+        # 1 and 1.0 are different settings (one token, all tokens), so the types are compared too.
+        differ = [name for name in own if (type(saved.get(name)), saved.get(name)) != (type(own[name]), own[name])]
+        if differ:
+            error_msgs.append(f"the weights for {prefix or 'KEM'} were saved with other settings: "
+                              + ", ".join(f"saved {n}={saved.get(n)!r}, this module has {n}={own[n]!r}" for n in differ)
+                              + ". Build the module with the saved settings to load them")
+
     def extra_repr(self):
-        slots = "etf" if "R" in dict(self.named_buffers()) else "learned"
-        return f"dim={self.dim}, num_slots={self.num_slots}, topk={self.topk}, slots={slots}, topk_mode={self.topk_mode}"
+        return (f"dim={self.dim}, num_slots={self.num_slots}, topk={self.topk}, slots={self.slots}, "
+                f"topk_mode={self.topk_mode}")
 
 
 class CrossTaskAttention(nn.Module):
@@ -206,26 +370,31 @@ class CrossTaskAttention(nn.Module):
 
     out = F + softmax((F W_q)(F W_k)^T / sqrt(D)) (F W_v), one head, same residual as KEM and the
     same D x D matrices. Uses torch's scaled_dot_product_attention, which picks a memory-efficient
-    kernel where it has one; the cost is still O(N^2 D).
+    kernel where it has one; the cost is still O(N^2 D). device, dtype: as for torch.nn layers.
     """
 
-    def __init__(self, dim):
+    def __init__(self, dim, *, device=None, dtype=None):
         super().__init__()
         self.dim = dim
-        self.W_q, self.W_k, self.W_v = _projection(dim), _projection(dim), _projection(dim)
+        self.W_q, self.W_k, self.W_v = (_projection(dim, device=device, dtype=dtype) for _ in range(3))
 
     def forward(self, F, return_attention=False):
+        """F: (B, N, D) tokens of all tasks. Returns the updated tokens (B, N, D); with
+        return_attention=True, (tokens, {"attention": A (B, N, N), each token's weights over all
+        tokens, rows summing to 1, no entry exactly 0}).
+        """
+        _check_tokens(self, F)
         Q, K, V = F @ self.W_q, F @ self.W_k, F @ self.W_v               # (B, N, D) each
         out = F + nnf.scaled_dot_product_attention(Q, K, V)             # (B, N, D)
         if return_attention:  # spelled out, because the fused kernel does not return the weights
-            A = (Q @ K.transpose(1, 2) / math.sqrt(self.dim)).softmax(dim=-1)   # (B, N, N)
+            A = ((Q / math.sqrt(self.dim)) @ K.transpose(1, 2)).softmax(dim=-1)   # (B, N, N), scaled before the N x N product
             return out, {"attention": A}
         return out
 
 
 class Normalize(nn.Module):
     """Tokens L2-normalised, nothing else: the control for ETFProjection (same normalisation, no
-    frame), so that an effect of sKEM's "features" can be told apart from normalisation [OURS]."""
+    frame), so that an effect of sKEM's "features" can be told apart from normalisation [ours]."""
 
     def forward(self, x):
         return x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -259,14 +428,16 @@ class TorchvisionBackbone(nn.Module):
     """Swin-T/S/B or ResNet-18/50 from torchvision: skip at stride 4, deep at stride 16.
 
     The deep feature is the stride-16 stage concatenated with the stride-32 stage upsampled (ours:
-    the paper says only "Swin-Transformer backbone"). Pretrained ResNets keep their BatchNorm frozen.
+    the paper says only "Swin-Transformer backbone"). pretrained=True asks torchvision for its
+    default ImageNet weights, which it reads from its cache (<torch hub dir>/checkpoints) or
+    downloads there first. Pretrained ResNets keep their BatchNorm frozen.
     """
     deep_stride, pad_multiple = 16, 32
 
     def __init__(self, name, pretrained):
         super().__init__()
         torchvision = _torchvision(name)
-        weights = fetch_pretrained_weights(name) if pretrained else None
+        weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         kwargs = {}
         if name.startswith("resnet") and pretrained:
             kwargs["norm_layer"] = torchvision.ops.misc.FrozenBatchNorm2d
@@ -304,36 +475,8 @@ def _torchvision(name):
     return torchvision
 
 
-class WeightsUnavailable(RuntimeError):
-    """The ImageNet weights of a torchvision backbone are not on disk and could not be fetched."""
-
-
-def fetch_pretrained_weights(name, download=True):
-    """The torchvision weights enum of backbone `name`, with its file in torch's hub cache.
-
-    A file already in <torch hub dir>/checkpoints/ is used as is; otherwise it is downloaded once
-    (download=False: not even tried). Raises WeightsUnavailable saying where the file must go.
-    """
-    weights = _torchvision(name).models.get_model_weights(name).DEFAULT
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    if os.path.isfile(os.path.join(folder, os.path.basename(weights.url))):
-        return weights
-    where = (f"They are downloaded once from {weights.url} into {folder}/. Offline, copy that file there "
-             f"from a machine with network access, or train from scratch with pretrained=False "
-             f"(train.py --no-pretrained)")
-    if not download:
-        raise WeightsUnavailable(f"the ImageNet weights of {name} are not on this machine and downloading "
-                                 f"is switched off. {where}")
-    try:
-        weights.get_state_dict(progress=False)            # downloads into the cache (and checks the hash)
-    except (urllib.error.URLError, OSError, RuntimeError) as error:
-        raise WeightsUnavailable(f"could not load the ImageNet weights of {name} ({type(error).__name__}: "
-                                 f"{error}). {where}") from None
-    return weights
-
-
 def build_backbone(name, pretrained=False):
-    """The backbone `name` (one of BACKBONES); check_network_options has checked the combination."""
+    """The backbone `name` (one of BACKBONES); MultiTaskNet.check_options has checked the combination."""
     return TinyBackbone() if name == "tiny" else TorchvisionBackbone(name, pretrained)
 
 
@@ -355,37 +498,6 @@ class TaskDecoder(nn.Module):
         return self.head(self.fuse(torch.cat([x, skip], dim=1)))       # (B, C_t, H/4, W/4)
 
 
-def check_network_options(tasks, *, backbone="tiny", pretrained=False, exchange="kem", etf="none",
-                          dim=128, num_slots=16, topk=0.25, topk_mode="mask"):
-    """Raise ValueError for options MultiTaskNet cannot take, before anything is built or downloaded.
-
-    The rules of the parts live with the parts (KEM.check_options, etf.check_frame_size); this adds
-    the rules of the whole network. Messages name arguments as `name` or `name=value`.
-    """
-    if not tasks:
-        raise ValueError("tasks must name at least one task, e.g. {'semseg': 40}")
-    for name, channels in tasks.items():
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"task {name!r} needs an integer number of output channels >= 1, got {channels!r}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    if backbone == "tiny" and pretrained:
-        raise ValueError("the tiny backbone has no pretrained weights (it is trained from scratch); use "
-                         "pretrained=False, or a torchvision backbone such as backbone='swin_t'")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"unknown exchange {exchange!r}; choose one of {', '.join(EXCHANGES)}")
-    if etf not in ETF_MODES:
-        raise ValueError(f"unknown etf mode {etf!r}; choose one of {', '.join(ETF_MODES)}")
-    if etf in ("slots", "both") and exchange != "kem":
-        raise ValueError(f"etf={etf!r} fixes KEM's memory slots, so it needs exchange='kem' "
-                         f"(got exchange={exchange!r}); use etf='features' or 'none' with it")
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-    if exchange == "kem":
-        KEM.check_options(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned",
-                          topk_mode=topk_mode)
-
-
 class MultiTaskNet(nn.Module):
     """Shared backbone -> per-task encoders -> tokens of all tasks -> exchange -> per-task decoders.
 
@@ -394,7 +506,8 @@ class MultiTaskNet(nn.Module):
     "features" (tokens into ETF space before the exchange) | "slots" (KEM's slots are a fixed ETF) |
     "both" | "normalize" (tokens L2-normalised only: the control for "features"); "slots" and "both"
     need exchange="kem". topk, num_slots, topk_mode: KEM's. freeze_backbone: the backbone is not
-    trained (one reading of the paper's "fixed" encoder [OURS]; off by default).
+    trained (one reading of the paper's "fixed" encoder [ours]; off by default). check_options
+    checks all of these without building anything.
     forward(images (B, 3, H, W)) -> {task: (B, C_t, H, W)} of raw outputs: logits for classes, edges
     and saliency, metres for depth, unnormalised normals.
     """
@@ -402,23 +515,24 @@ class MultiTaskNet(nn.Module):
     def __init__(self, tasks, *, backbone="tiny", pretrained=False, exchange="kem", etf="none",
                  dim=128, num_slots=16, topk=0.25, topk_mode="mask", freeze_backbone=False):
         super().__init__()
-        check_network_options(tasks, backbone=backbone, pretrained=pretrained, exchange=exchange, etf=etf,
-                              dim=dim, num_slots=num_slots, topk=topk, topk_mode=topk_mode)
+        MultiTaskNet.check_options(tasks, backbone=backbone, pretrained=pretrained, exchange=exchange, etf=etf,
+                                   dim=dim, num_slots=num_slots, topk=topk, topk_mode=topk_mode)
         self.tasks = dict(tasks)
         self.backbone = build_backbone(backbone, pretrained)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-        # [OURS] sized for CPUs: a 16-channel skip and depthwise 3x3 encoders made the default synthetic
-        # run 23% faster per step than 32 channels and full 3x3 convolutions, with equal or better
-        # final metrics on all six tasks in one run each (README, "Results: the default synthetic run").
+        # [ours] sized for CPUs: a 16-channel skip and depthwise 3x3 encoders made the default synthetic
+        # run 23% faster per step than 32 channels and full 3x3 convolutions. In one run each (too few to
+        # tell small differences apart) semseg's mIoU came out lower, depth about the same, the other
+        # four tasks better.
         skip_dim = 16
         self.skip_proj = _conv_gn(self.backbone.skip_channels, skip_dim, kernel=1)
         self.encoders = nn.ModuleDict({t: nn.Sequential(_conv_gn(self.backbone.deep_channels, dim, kernel=1),
                                                         _conv_gn(dim, dim, groups=dim)) for t in tasks})
         self.task_embedding = nn.Parameter(torch.randn(len(tasks), dim) * 0.02)  # (T, D)
         if etf in ("features", "both"):
-            self.token_map = ETFProjection(dim)                         # x -> normalize(x) E
+            self.token_map = _etf().ETFProjection(dim)                  # x -> normalize(x) E
         elif etf == "normalize":
             self.token_map = Normalize()                                # x -> normalize(x): the control
         else:
@@ -431,6 +545,38 @@ class MultiTaskNet(nn.Module):
         else:
             self.exchange = nn.Identity()
         self.decoders = nn.ModuleDict({t: TaskDecoder(dim, skip_dim, c) for t, c in tasks.items()})
+
+    @staticmethod
+    def check_options(tasks, *, backbone="tiny", pretrained=False, exchange="kem", etf="none", dim=128,
+                      num_slots=16, topk=0.25, topk_mode="mask"):
+        """Raise ValueError (naming the argument, the value, what works) for options MultiTaskNet
+        cannot take; it builds nothing and downloads nothing, so it can run before anything slow starts.
+
+        The rules of the parts live with the parts (KEM.check_options, the ETF's check_frame_size); this
+        adds the rules of the whole network. Messages name arguments as `name` or `name=value`.
+        """
+        if not tasks:
+            raise ValueError("tasks must name at least one task, e.g. {'semseg': 40}")
+        for name, channels in tasks.items():
+            if not isinstance(channels, int) or channels < 1:
+                raise ValueError(f"task {name!r} needs an integer number of output channels >= 1, got {channels!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if backbone == "tiny" and pretrained:
+            raise ValueError("the tiny backbone has no pretrained weights (it is trained from scratch); use "
+                             "pretrained=False, or a torchvision backbone such as backbone='swin_t'")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"unknown exchange {exchange!r}; choose one of {', '.join(EXCHANGES)}")
+        if etf not in ETF_MODES:
+            raise ValueError(f"unknown etf mode {etf!r}; choose one of {', '.join(ETF_MODES)}")
+        if etf in ("slots", "both") and exchange != "kem":
+            raise ValueError(f"etf={etf!r} fixes KEM's memory slots, so it needs exchange='kem' "
+                             f"(got exchange={exchange!r}); use etf='features' or 'none' with it")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if exchange == "kem":
+            KEM.check_options(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned",
+                              topk_mode=topk_mode)
 
     def train(self, mode=True):
         super().train(mode)

@@ -41,8 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import datasets
 import metrics
 import train_support as support
-from kem_mtl import BACKBONES, ETF_MODES, EXCHANGES, MultiTaskNet, WeightsUnavailable, check_network_options
-from train_support import RunStopped, UsageError
+from kem_mtl import BACKBONES, ETF_MODES, EXCHANGES, MultiTaskNet
+from train_support import RunStopped, UsageError, WeightsUnavailable
 
 # --- presets: every default, per dataset ------------------------------------------------------
 # nyud / pascal follow the field's protocol; the synthetic preset is ours, sized so that
@@ -241,8 +241,8 @@ def resolve_config(args, given):
     if cfg["eval_only"] and not cfg["ckpt"]:
         raise UsageError("--eval-only needs --ckpt PATH (e.g. runs/<run>/best.pt)")
     try:        # the network's rules live in kem_mtl; here they only get the command line's words
-        check_network_options(all_tasks, **{k: cfg[k] for k in ("backbone", "pretrained", "exchange", "etf", "dim",
-                                                                 "num_slots", "topk", "topk_mode")})
+        MultiTaskNet.check_options(all_tasks, **{k: cfg[k] for k in ("backbone", "pretrained", "exchange", "etf", "dim",
+                                                                      "num_slots", "topk", "topk_mode")})
     except ValueError as error:
         raise UsageError(support.as_flags(str(error), flags=set(vars(args)))) from None
     return cfg

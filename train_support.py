@@ -36,6 +36,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 
 import numpy as np
 import torch
@@ -43,7 +44,6 @@ import torch.distributed as dist
 
 import datasets
 import metrics
-from kem_mtl import WeightsUnavailable, fetch_pretrained_weights
 
 
 class UsageError(Exception):
@@ -221,6 +221,40 @@ def pick_device(name, local_rank):
 
 
 # --- inputs: data and pretrained weights, checked before anything big starts ----------------------
+
+class WeightsUnavailable(RuntimeError):
+    """The ImageNet weights of a torchvision backbone are not on disk and could not be fetched."""
+
+
+def fetch_pretrained_weights(name, download=True):
+    """The torchvision weights enum of backbone `name`, with its file in torch's hub cache.
+
+    A file already in <torch hub dir>/checkpoints/ is used as is; otherwise it is downloaded once
+    (download=False: not even tried). Raises WeightsUnavailable saying where the file must go.
+    MultiTaskNet(pretrained=True) then asks torchvision for the same default weights and finds them there.
+    """
+    try:
+        import torchvision
+    except ImportError as error:
+        raise WeightsUnavailable(f"backbone {name!r} needs torchvision (pip install torchvision); "
+                                 f"--backbone tiny works without it") from error
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if os.path.isfile(os.path.join(folder, os.path.basename(weights.url))):
+        return weights
+    where = (f"They are downloaded once from {weights.url} into {folder}/. Offline, copy that file there "
+             f"from a machine with network access, or train from scratch with pretrained=False "
+             f"(train.py --no-pretrained)")
+    if not download:
+        raise WeightsUnavailable(f"the ImageNet weights of {name} are not on this machine and downloading "
+                                 f"is switched off. {where}")
+    try:
+        weights.get_state_dict(progress=False)            # downloads into the cache (and checks the hash)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise WeightsUnavailable(f"could not load the ImageNet weights of {name} ({type(error).__name__}: "
+                                 f"{error}). {where}") from None
+    return weights
+
 
 def check_inputs(cfg):
     """Make sure the dataset and the pretrained weights are on disk (fetching them if allowed).

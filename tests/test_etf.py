@@ -3,7 +3,7 @@
 Pinned down: unit columns, pairwise cosine -1/(K-1), centred columns, the closed-form Gram matrix,
 rank K-1, for K in 2..64 and every dim from K-1 up; determinism from a seeded generator; the
 errors for impossible sizes; ETFProjection keeps its frame as a (saved, untrained) buffer and
-computes normalize(x) @ E.
+computes normalize(x) @ E, and takes device= / dtype= as torch.nn layers do (the same frame).
 """
 import pytest
 import torch
@@ -96,3 +96,13 @@ def test_projection_computes_normalized_x_times_frame():
     torch.testing.assert_close(y, expected)
     assert y.abs().max() <= 1 + 1e-6, "each coordinate is a cosine"
     torch.testing.assert_close(proj(3 * x), y, msg="the token's norm must not matter")
+
+
+def test_projection_device_and_dtype_factory_arguments():
+    proj = ETFProjection(12, 6, dtype=torch.float64)
+    assert proj.E.dtype == torch.float64
+    torch.testing.assert_close(proj.E.float(), ETFProjection(12, 6).E, msg="the same frame, cast")
+    assert ETFProjection(12, 6).E.dtype == torch.get_default_dtype()
+    assert ETFProjection(12, device="meta").E.device.type == "meta"
+    x = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert proj(x).dtype == torch.float64

@@ -7,8 +7,20 @@ apart, trains every parameter, and reduces to plain-softmax attention for k >= N
 equals softmax attention written out; MultiTaskNet gives the right shapes for the NYUD and PASCAL
 task sets, every exchange x etf combination and odd image sizes, runs under autocast and
 torch.compile, fits one batch, and raises every documented error.
+
+For use in other code: wrong token shapes are refused by name (KEM and the baseline alike); topk
+takes any integer type or a fraction, and k = 1 warns once (the slots then get exactly zero
+gradient); device= / dtype= work as for torch.nn layers; the settings travel with the state_dict,
+other settings are refused naming both values, and state_dicts saved without them still load
+strictly; deepcopy and DDP keep all of it; fp16 inputs whose unscaled scores overflow stay finite;
+torch.export with a dynamic N, torch.compile(dynamic=True) and torch.jit.trace match eager mode at
+several N.
 """
+import copy
+import io
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -16,7 +28,8 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kem_mtl import BACKBONES, ETF_MODES, EXCHANGES, KEM, CrossTaskAttention, MultiTaskNet, topk_softmax
+from kem_mtl import (BACKBONES, ETF_MODES, EXCHANGES, KEM, CrossTaskAttention, MultiTaskNet, resolve_topk,
+                     topk_softmax)
 
 NYUD = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
 PASCAL = {"semseg": 21, "parts": 7, "sal": 1, "normals": 3, "edge": 1}
@@ -139,6 +152,7 @@ def kem_cases(draw):
     return B, N, D, L, k, draw(st.integers(0, 2**31 - 1))
 
 
+@pytest.mark.filterwarnings("ignore:KEM keeps k = 1")   # small N and k = 1 are drawn on purpose
 @settings(deadline=None, max_examples=60)
 @given(kem_cases(), st.sampled_from(["mask", "post"]))
 @example((1, 1, 2, 1, 1, 0), "mask")
@@ -288,6 +302,7 @@ def test_multitasknet_shapes_for_every_combination(tasks, exchange, etf):
         assert torch.isfinite(out[t]).all()
 
 
+@pytest.mark.filterwarnings("ignore:KEM keeps k = 1")   # 8 x 8 pixels: one token
 @pytest.mark.parametrize("H, W", [(17, 23), (8, 8), (33, 65)])
 def test_multitasknet_any_image_size(H, W):
     net = MultiTaskNet({"semseg": 5}, dim=16, num_slots=2)        # one task: the single-task baseline
@@ -354,22 +369,6 @@ def test_torchvision_backbones_shapes(name):
     assert out["semseg"].shape == (1, 4, 40, 50) and out["normals"].shape == (1, 3, 40, 50)
 
 
-def test_pretrained_weights_unreachable_gives_a_clear_error(monkeypatch, tmp_path):
-    import urllib.error
-
-    import torchvision.models._api as api
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(RuntimeError, match="could not load the ImageNet weights of resnet18") as error:
-        MultiTaskNet({"semseg": 4}, backbone="resnet18", pretrained=True)
-    message = str(error.value)
-    assert str(tmp_path) in message and "pretrained=False" in message and "--no-pretrained" in message
-
-
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tasks={}), "at least one task"),
     (dict(tasks={"semseg": 0}), "task 'semseg' needs an integer number of output channels >= 1, got 0"),
@@ -384,4 +383,210 @@ def test_pretrained_weights_unreachable_gives_a_clear_error(monkeypatch, tmp_pat
 def test_multitasknet_errors(kwargs, match):
     kwargs = {"tasks": NYUD, "dim": 16, **kwargs}
     with pytest.raises(ValueError, match=match):
+        MultiTaskNet.check_options(**kwargs)                       # the same rules, nothing built
+    with pytest.raises(ValueError, match=match):
         MultiTaskNet(**kwargs)
+
+
+# --- using the modules in other code: inputs, k, factory arguments, settings, precision, tracers ----
+
+@pytest.mark.parametrize("module", [KEM(16, 4), CrossTaskAttention(16)], ids=["kem", "cross"])
+@pytest.mark.parametrize("shape, hint", [
+    ((10, 16), r"got a tensor of shape \(10, 16\); tokens of one sample need a batch dimension"),
+    ((2, 16, 4, 5), r"got a tensor of shape \(2, 16, 4, 5\); a \(B, C, h, w\) map becomes tokens with "
+                    r"x.flatten\(2\).transpose\(1, 2\)"),
+    ((2, 10, 32), r"got a tensor of shape \(2, 10, 32\); the tokens are 32 wide: project them to 16"),
+])
+def test_wrong_token_shapes_are_refused_by_name(module, shape, hint):
+    name = type(module).__name__
+    with pytest.raises(ValueError, match=rf"{name} expects tokens of shape \(B, N, D\) with D = dim = 16, {hint}"):
+        module(torch.zeros(shape))
+    if isinstance(module, KEM):
+        with pytest.raises(ValueError, match=hint):
+            module.forward_literal(torch.zeros(shape))
+
+
+def test_topk_is_a_count_of_any_integer_type_or_a_fraction():
+    import numpy as np
+
+    for count in (8, np.int64(8), np.int32(8), torch.tensor(8)):
+        kem = KEM(16, 4, count)
+        assert type(kem.topk) is int and kem.topk == 8, count
+        assert resolve_topk(count, 20) == 8 and resolve_topk(count, 5) == 5
+    assert resolve_topk(np.float32(0.5), 10) == 5 and resolve_topk(torch.tensor(0.5), 10) == 5
+    assert (resolve_topk(1, 10), resolve_topk(1.0, 10)) == (1, 10), "topk=1 is one token, 1.0 all of them"
+    p = topk_softmax(torch.randn(3, 9, generator=gen(0)), np.int64(2))
+    assert torch.equal((p > 0).sum(-1), torch.full((3,), 2))
+    for wrong in (True, torch.tensor([8]), torch.tensor(True), "8"):
+        with pytest.raises(ValueError, match="topk must be a count >= 1 or a fraction"):
+            KEM(16, 4, wrong)
+
+
+def test_k_of_one_warns_once_that_the_slots_get_no_gradient():
+    """With one token per slot the retrieve softmax is the constant 1: R, W_qr, W_kr get exactly zero."""
+    torch.manual_seed(0)
+    kem = KEM(16, 4, 1)
+    F_ = torch.randn(2, 12, 16, generator=gen(12))
+    with pytest.warns(UserWarning, match=r"k = 1 token per slot.*\(R, W_qr, W_kr\) receive no gradient"):
+        kem(F_).pow(2).sum().backward()
+    for name in ("R", "W_qr", "W_kr"):
+        assert torch.equal(getattr(kem, name).grad, torch.zeros_like(getattr(kem, name))), name
+    assert kem.W_vr.grad.abs().sum() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # a second warning would raise here
+        kem(F_)
+        KEM(16, 4, 2)(F_)                                         # k = 2: no warning at all
+    with pytest.warns(UserWarning, match=r"topk=0.25, N=4 tokens"):
+        KEM(16, 4)(F_[:, :4])                                     # the default fraction, a small N
+
+
+@pytest.mark.parametrize("slots", ["learned", "etf"])
+def test_device_and_dtype_factory_arguments(slots):
+    kem = KEM(8, 3, slots=slots, dtype=torch.float64)
+    assert {t.dtype for t in kem.state_dict().values() if torch.is_tensor(t)} == {torch.float64}
+    assert kem(torch.randn(2, 5, 8, dtype=torch.float64)).dtype == torch.float64
+    meta = KEM(8, 3, slots=slots, device="meta")
+    assert {t.device.type for t in meta.state_dict().values() if torch.is_tensor(t)} == {"meta"}
+    cross = CrossTaskAttention(8, device="meta", dtype=torch.float16)
+    assert all(p.device.type == "meta" and p.dtype == torch.float16 for p in cross.parameters())
+    torch.manual_seed(3)
+    a = KEM(8, 3, slots=slots)
+    torch.manual_seed(3)
+    b = KEM(8, 3, slots=slots, device="cpu", dtype=torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+               if torch.is_tensor(x)), "the defaults draw the same weights"
+
+
+def test_the_settings_travel_with_the_state_dict():
+    saved = KEM(16, 4, 0.25).state_dict()
+    assert saved["_extra_state"] == {"dim": 16, "num_slots": 4, "topk": 0.25, "topk_mode": "mask", "slots": "learned"}
+    KEM(16, 4, 0.25).load_state_dict(saved)
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["_extra_state"] == saved["_extra_state"], "plain Python values"
+
+
+@pytest.mark.parametrize("saved_with, loaded_into, names", [
+    (dict(slots="etf"), dict(), "saved slots='etf', this module has slots='learned'"),
+    (dict(), dict(slots="etf"), "saved slots='learned', this module has slots='etf'"),
+    (dict(topk=0.5), dict(), "saved topk=0.5, this module has topk=0.25"),
+    (dict(topk=1), dict(topk=1.0), "saved topk=1, this module has topk=1.0"),
+    (dict(topk_mode="post"), dict(), "saved topk_mode='post', this module has topk_mode='mask'"),
+    (dict(num_slots=5), dict(), "saved num_slots=5, this module has num_slots=4"),
+])
+def test_a_state_dict_of_other_settings_is_refused_naming_both(saved_with, loaded_into, names):
+    saved = KEM(**{"dim": 16, "num_slots": 4, **saved_with}).state_dict()
+    kem = KEM(**{"dim": 16, "num_slots": 4, **loaded_into})
+    with pytest.raises(RuntimeError, match=re.escape(names)):
+        kem.load_state_dict(saved)
+    net = MultiTaskNet({"semseg": 3, "depth": 1}, dim=16, num_slots=4, topk=0.5)
+    other = MultiTaskNet({"semseg": 3, "depth": 1}, dim=16, num_slots=4)
+    with pytest.raises(RuntimeError, match=r"weights for exchange. were saved with other settings: saved topk=0.5"):
+        other.load_state_dict(net.state_dict())
+
+
+def test_state_dicts_saved_before_the_settings_still_load_strictly():
+    torch.manual_seed(0)
+    net = MultiTaskNet({"semseg": 3, "depth": 1}, etf="both", dim=16, num_slots=4)
+    old = {k: v for k, v in net.state_dict().items() if not k.endswith("_extra_state")}
+    assert "exchange._extra_state" in net.state_dict() and "exchange._extra_state" not in old
+    fresh = MultiTaskNet({"semseg": 3, "depth": 1}, etf="both", dim=16, num_slots=4)
+    result = fresh.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in old.items())
+    KEM(16, 4).load_state_dict({k: v for k, v in KEM(16, 4).state_dict().items() if k != "_extra_state"})
+
+
+def test_deepcopy_keeps_weights_settings_and_the_check():
+    torch.manual_seed(0)
+    kem = KEM(16, 4, 0.5, slots="etf")
+    twin = copy.deepcopy(kem)
+    F_ = torch.randn(2, 20, 16, generator=gen(13))
+    assert torch.equal(twin(F_), kem(F_)) and twin.get_extra_state() == kem.get_extra_state()
+    twin.load_state_dict(kem.state_dict())
+    with pytest.raises(RuntimeError, match="saved topk=0.25, this module has topk=0.5"):
+        twin.load_state_dict(KEM(16, 4, slots="etf").state_dict())
+
+
+def test_ddp_wraps_kem_and_its_state_dict_loads_back(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        kem = KEM(16, 4, 0.25)
+        ddp = DDP(kem)
+        ddp(torch.randn(2, 20, 16, generator=gen(14))).pow(2).sum().backward()
+        assert all(p.grad is not None for p in kem.parameters())
+        loaded = KEM(16, 4, 0.25)
+        loaded.load_state_dict(ddp.module.state_dict())
+        assert torch.equal(loaded.W_qr, kem.W_qr)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp16_scores_that_overflow_unscaled_stay_finite():
+    """Large activations: the literal form (1/sqrt(D) after the N-long products) overflows fp16 to
+    inf and NaN; forward (1/sqrt(D) on the L x D tensors first) stays finite and close to float64."""
+    D, L = 64, 4
+    kem = KEM(D, L, 8)
+    with torch.no_grad():
+        for W in (kem.W_qr, kem.W_kr, kem.W_vr, kem.W_qw, kem.W_kw, kem.W_vw):
+            W.copy_(torch.eye(D))
+        kem.W_kw.mul_(0.05)
+        kem.R.copy_(torch.eye(L, D) * 300)
+    F_ = torch.randn(2, 50, D, generator=gen(0)) * 100
+    expected = copy.deepcopy(kem).double()(F_.double())
+    half, F16 = kem.half(), F_.half()
+    unscaled = ((half.R @ half.W_qr) @ half.W_kr.T) @ F16.transpose(1, 2)
+    assert torch.isinf(unscaled).any(), "the test needs scores that overflow fp16 unscaled"
+    assert not torch.isfinite(half.forward_literal(F16)).all()
+    out = half(F16)
+    assert torch.isfinite(out).all()
+    error = ((out.double() - expected).abs().max() / expected.abs().max()).item()
+    assert error < 5e-3, f"fp16 against float64: relative error {error:.2e}"
+
+
+def test_torch_export_with_a_dynamic_token_count():
+    torch.manual_seed(0)
+    kem = KEM(16, 4, 0.25)
+    N = torch.export.Dim("N", min=2, max=4096)
+    exported = torch.export.export(kem, (torch.randn(2, 40, 16),), dynamic_shapes={"F": {1: N}}).module()
+    for n in (40, 97, 3):                                          # k = 10, 25 and 1
+        F_ = torch.randn(2, n, 16, generator=gen(n))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                        # k = 1 at n = 3: the eager module warns
+            expected = kem(F_)
+        torch.testing.assert_close(exported(F_), expected, msg=f"N = {n}")
+
+
+def test_torch_compile_dynamic_traces_once_over_changing_n():
+    """dynamic=True with a backend that only counts graphs (Dynamo's capture, no code generation)."""
+    torch.manual_seed(0)
+    kem = KEM(16, 4, 0.25, slots="etf")
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(kem, backend=counting_backend, dynamic=True, fullgraph=True)
+    for n in (40, 97, 13):
+        F_ = torch.randn(2, n, 16, generator=gen(n))
+        torch.testing.assert_close(compiled(F_), kem(F_), msg=f"N = {n}")
+    assert len(graphs) == 1, f"{len(graphs)} graphs for three token counts"
+
+
+def test_torch_jit_trace_follows_the_token_count():
+    torch.manual_seed(0)
+    kem = KEM(16, 4, 0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("error", category=torch.jit.TracerWarning)   # nothing fixed by the trace
+        traced = torch.jit.trace(kem, (torch.randn(2, 40, 16),))
+    for n in (40, 97):
+        F_ = torch.randn(2, n, 16, generator=gen(n))
+        torch.testing.assert_close(traced(F_), kem(F_), msg=f"N = {n}")

@@ -136,6 +136,9 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for name in one:
+        if not torch.is_tensor(one[name]):              # a module's settings (KEM's _extra_state): equal
+            assert two[name] == one[name], name
+            continue
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=f"parameter {name}")
     assert train_losses(tmp_path / "one" / "metrics.jsonl")[-1][1] == pytest.approx(
         train_losses(tmp_path / "two" / "metrics.jsonl")[-1][1], rel=1e-4)
@@ -198,7 +201,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     assert code != 0 and "the depth loss became nan" in message and "ckpt.pt" in message, message
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if torch.is_tensor(v) and v.is_floating_point())
 
 
 @pytest.mark.parametrize("args, message", [
