@@ -149,6 +149,19 @@ def test_a_scaler_of_the_same_precision_is_restored(capsys):
     assert scaler.get_scale() == 1024.0 and capsys.readouterr().out == ""
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """A checkpoint written before --channels-last existed (its config lacks the key) still resumes."""
+    out = tmp_path / "run"
+    args = [*TINY, "--train-samples", "4", "--val-samples", "2", "--batch-size", "2", "--procs", "1"]
+    assert train.cli([*args, "--max-iters", "1", "--eval-interval", "1", "--out-dir", str(out)]) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for key in ("channels_last", "amp_resolved"):
+        del ckpt["config"][key]
+    torch.save(ckpt, out / "ckpt.pt")
+    assert train.cli(["--resume", str(out), "--max-iters", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["channels_last"] is False
+
+
 # --- several processes -------------------------------------------------------------------------------
 
 def test_data_are_prepared_once_per_data_root_before_any_process_joins_the_group(tmp_path, monkeypatch):
