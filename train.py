@@ -63,7 +63,7 @@ PRESETS = {
 
 COMMON = dict(exchange="kem", etf="none", num_slots=16, topk=0.25, topk_mode="mask", freeze_backbone=False, accum=1,
               seed=0, device="auto", amp="auto", compile=False, poly_power=0.9, download=True, workers=None,
-              procs="auto",
+              procs="auto", channels_last=False,
               data_seed=0)  # which scenes SyntheticRooms draws (--data-seed): 0 unless a run sets it
 
 
@@ -192,8 +192,12 @@ def parse_args(argv):
                    help="CPU only: split each batch over this many single-thread processes (auto: up to 4, "
                         "one per core); 1 = one process using every core")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
-                   help="mixed precision; auto = bf16 on GPUs that have it, else fp16 with a scaler; none on CPUs")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (slow start, faster steps)")
+                   help="mixed precision; auto = bf16 on GPUs with native bf16 (compute capability >= 8), else fp16 "
+                        "with a scaler; none on CPUs (the start-up line says which)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step (slow start, faster steps); evaluation runs uncompiled")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="model and images channels-last (unmeasured on GPUs, where GroupNorm converts back to NCHW)")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--out-dir", help="default runs/<dataset>-<exchange>-<timestamp>")
     g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
@@ -250,11 +254,8 @@ def resolve_config(args, given):
 
 # --- devices, model and optimiser --------------------------------------------------------------
 
-def precision(cfg, device):
-    """The autocast context and the gradient scaler for cfg["amp"] on `device`."""
-    amp = cfg["amp"]
-    if amp == "auto":      # bf16 where the GPU has it (no scaler needed), else fp16 with a scaler; CPUs: none
-        amp = "none" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+def precision(amp, device):
+    """The autocast context and the gradient scaler for a resolved --amp (support.resolve_amp) on `device`."""
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     return autocast, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -301,11 +302,11 @@ def build_optimizer(model, cfg):
 def train_step(model, batches, cfg, procs, autocast, scaler, optimizer, scheduler, running):
     """One optimiser step over cfg["accum"] micro-batches. Adds the detached per-task losses to
     `running` (no host sync here: the values are read at log intervals only)."""
-    device, channels_last = procs.device, procs.device.type == "cuda"
+    device = procs.device
     for micro in range(cfg["accum"]):
         batch = next(batches)
         images = batch["image"].to(device, non_blocking=True)
-        if channels_last:                               # convolutions run fastest channels-last on GPUs
+        if cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = {t: batch[t].to(device, non_blocking=True) for t in cfg["tasks"]}
         sync = micro == cfg["accum"] - 1 or not procs.distributed       # all-reduce on the last micro-batch only
@@ -318,7 +319,7 @@ def train_step(model, batches, cfg, procs, autocast, scaler, optimizer, schedule
     if cfg["grad_clip"] > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-    scaler.step(optimizer)          # with fp16, the scaler syncs once here to skip steps with inf gradients
+    scaler.step(optimizer)          # fp16: the fused step reads the scaler's inf flag on the device (no host sync)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -408,13 +409,13 @@ def main(argv=None):
 def start(cfg):
     """What every run begins with: its processes and device, its inputs checked, the Δm baselines, its
     precision, and the seeded network on its device."""
-    procs = support.setup_processes(cfg)
-    support.check_inputs_once(cfg, procs)               # data and weights before the big allocations
+    procs = support.setup_processes(cfg)                # data and weights checked before any collective
     baselines = support.load_baselines(cfg["baselines"], cfg) if cfg["baselines"] else None
-    autocast, scaler = precision(cfg, procs.device)
-    support.seed_everything(cfg["seed"])
+    cfg["amp_resolved"] = support.resolve_amp(cfg["amp"], procs.device)    # into config.json
+    autocast, scaler = precision(cfg["amp_resolved"], procs.device)
+    support.seed_everything(cfg["seed"])                # the same initial weights in every process
     model = build_model(cfg).to(procs.device)
-    if procs.device.type == "cuda":
+    if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     return procs, baselines, autocast, scaler, model
 
@@ -430,36 +431,39 @@ def run(cfg, ckpt_path=None):
     num_params = sum(p.numel() for p in model.parameters())
     optimizer, scheduler = build_optimizer(model, cfg)
     ckpt = support.load_checkpoint(ckpt_path)[0] if ckpt_path else None
-    start_iter, best_score = support.restore_state(ckpt, ckpt_path, model, optimizer, scheduler, scaler)
-    raw_model = model
+    start_iter, best_score = support.restore_state(ckpt, ckpt_path, model, optimizer, scheduler, scaler, procs,
+                                                   cfg["seed"])     # and each process's own dropout RNG
+    raw_model = model                   # evaluated as it is: compiled, other sizes than training's fail to compile
     if cfg["compile"]:
         model = torch.compile(model)
     if procs.distributed:
         model = data_parallel(model, procs.device)
-    eval_model = model.module if procs.distributed else model
 
     # -- data: this process's share of every batch
     batch_size = procs.share(cfg["batch_size"])
     val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_iter)
     out_dir = cfg["out_dir"]
-    if procs.master:
-        os.makedirs(out_dir, exist_ok=True)
-        metrics_path = support.start_outputs(cfg, start_iter, {"world_size": procs.world, "torch": torch.__version__,
-                                                               "parameters": num_params})
+    metrics_path, recorded = support.start_outputs(cfg, procs, start_iter, {
+        "world_size": procs.world, "torch": torch.__version__, "parameters": num_params})
+    if recorded:                        # the checkpoint's own evaluation finished before the run stopped
+        best_score = max(best_score, headline_score(recorded["metrics"], cfg["tasks"][0]))
     log(f"{cfg['dataset']}: {num_train} train / {num_val} val images, tasks {', '.join(cfg['tasks'])}; "
         f"{cfg['exchange']} exchange, etf {cfg['etf']}, {cfg['backbone']} backbone, {num_params / 1e6:.2f} M "
-        f"parameters; {procs.device.type}, {procs.world} process(es), amp {cfg['amp']}; writing to {out_dir}"
+        f"parameters; {procs.device.type}, {procs.world} process(es), amp {cfg['amp_resolved']}"
+        + (" (auto)" if cfg["amp"] == "auto" else "") + f"; writing to {out_dir}"
         + (f"; resuming at iteration {start_iter}" if start_iter else ""), flush=True)
 
-    # -- the loop: a step; every log_interval a log line; every eval_interval an evaluation and a checkpoint
+    # -- the loop: a step; every log_interval a log line; every eval_interval a checkpoint, then an evaluation
     step_images = batch_size * cfg["accum"] * procs.world
     running = {t: torch.zeros((), device=procs.device) for t in cfg["tasks"]}
     window_start, window_iters, train_images, train_seconds, last = time.time(), 0, 0, 0.0, None
-    for it in range(start_iter, cfg["max_iters"]):
-        train_step(model, batches, cfg, procs, autocast, scaler, optimizer, scheduler, running)
-        done, window_iters = it + 1, window_iters + 1
-        evaluating = done % cfg["eval_interval"] == 0 or done == cfg["max_iters"]
-        if done % cfg["log_interval"] == 0 or evaluating:
+    pending = ckpt is not None and recorded is None     # a checkpoint whose evaluation never finished: evaluate first
+    for done in range(start_iter + 1 - pending, cfg["max_iters"] + 1):      # done: steps taken
+        if done > start_iter:
+            train_step(model, batches, cfg, procs, autocast, scaler, optimizer, scheduler, running)
+            window_iters += 1
+        evaluating = done % cfg["eval_interval"] == 0 or done == cfg["max_iters"] or done == start_iter
+        if window_iters and (done % cfg["log_interval"] == 0 or evaluating):
             seconds = time.time() - window_start
             line = log_window(running, window_iters, seconds, step_images, cfg, procs, done)
             train_images, train_seconds = train_images + window_iters * step_images, train_seconds + seconds
@@ -472,20 +476,19 @@ def run(cfg, ckpt_path=None):
                 support.append_jsonl(metrics_path, {**line, "lr": scheduler.get_last_lr()[0]})
             running = {t: torch.zeros((), device=procs.device) for t in cfg["tasks"]}
             window_start, window_iters = time.time(), 0
-        if evaluating:
+        if evaluating:                  # the checkpoint first: a failed evaluation loses no training
+            state = support.checkpoint_state(raw_model, optimizer, scheduler, scaler, done, best_score, cfg, procs)
+            if procs.master:
+                support.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
             final = done == cfg["max_iters"]
             exact = " (exact edge matching)" if final and "edge" in cfg["tasks"] else ""
             log(f"evaluating at iteration {done}{exact}", flush=True)
-            last = evaluate_and_record(eval_model, val_loader, cfg, procs, autocast, done, final, baselines)
+            last = evaluate_and_record(raw_model, val_loader, cfg, procs, autocast, done, final, baselines)
             score = headline_score(last["metrics"], cfg["tasks"][0])
             if procs.master:
                 support.append_jsonl(metrics_path, last)
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": done,
-                         "best_score": max(best_score, score), "rng": support.rng_states(), "config": cfg}
-                support.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
-                if score > best_score:
-                    support.save_checkpoint(os.path.join(out_dir, "best.pt"), state)
+                if score > best_score:  # best.pt: the checkpoint of the best evaluation, with its score
+                    support.save_checkpoint(os.path.join(out_dir, "best.pt"), {**state, "best_score": score})
             best_score = max(best_score, score)
             window_start = time.time()   # evaluation time is not training time
 
@@ -505,9 +508,7 @@ def evaluate_checkpoint(cfg, ckpt_path):
     """--eval-only: a checkpoint's metrics on the val split (exact edges), into eval_<checkpoint>.json."""
     procs, baselines, autocast, _, model = start(cfg)
     ckpt = support.load_checkpoint(ckpt_path)[0]
-    support.load_weights(model, ckpt, ckpt_path)
-    if cfg["compile"]:
-        model = torch.compile(model)
+    support.load_weights(model, ckpt, ckpt_path)       # evaluated uncompiled, as in training (--compile is ignored)
     val_loader, _, num_val, _ = support.make_loaders(cfg, procs, procs.share(cfg["batch_size"]), 0)
     if procs.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)

@@ -14,9 +14,10 @@ Reproducibility, in three pieces (the data stream and checkpoints live here, the
 - losses are per-image means averaged over the batch, and the network normalises per image
   (GroupNorm), so N processes with batch b compute what one process computes with batch N b
   (up to float rounding);
-- checkpoints hold model, optimiser, scheduler, scaler, iteration and RNG states, written to a
-  temporary file and renamed, so `--resume` continues a run exactly and a crash never leaves a
-  half-written checkpoint.
+- checkpoints hold model, optimiser, scheduler, scaler, iteration and every process's RNG states
+  (each process draws its own dropout), written before each evaluation to a temporary file and
+  renamed, so `--resume` continues a run exactly (evaluating first if that evaluation never
+  finished) and a crash never leaves a half-written checkpoint.
 
 Our own processes: on a CPU with several cores, `python train.py` splits each batch over `--procs`
 single-thread processes (DistributedDataParallel over gloo): small convolutions use one core well
@@ -99,8 +100,9 @@ def as_flags(message, flags):
 # --- --resume and --eval-only: the run's settings come from its checkpoint ------------------------
 
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
+# amp and channels_last among them: a run may continue on another device, in the precision and layout that fit it.
 RESUMABLE = {"out_dir", "resume", "device", "workers", "log_interval", "eval_interval", "data_dir", "download",
-             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs"}
+             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last"}
 
 
 # Settings that define the network: taken from the checkpoint by --eval-only.
@@ -119,7 +121,8 @@ def restore_config(cfg, given, defaults):
         if differ:
             raise UsageError(f"--resume {cfg['resume']} was trained with other settings: " + "; ".join(differ)
                              + ". Drop those flags to continue the run, or start a new run with a new --out-dir")
-        cfg = {**ckpt["config"], **{k: cfg[k] for k in given if k in RESUMABLE}}
+        # (and settings added since the checkpoint was written: their defaults).
+        cfg = {**defaults, **ckpt["config"], **{k: cfg[k] for k in given if k in RESUMABLE}}
         cfg["out_dir"] = os.path.dirname(os.path.abspath(path))
         return cfg, path
     if cfg["eval_only"]:
@@ -128,7 +131,9 @@ def restore_config(cfg, given, defaults):
         if differ:
             raise UsageError(f"--ckpt {cfg['ckpt']} holds a different network than the flags ask for: "
                              + "; ".join(differ) + ". Drop those flags: --eval-only takes them from the checkpoint")
-        cfg.update({k: ckpt["config"][k] for k in (*MODEL_KEYS, "eval_size", "edge_max_dist", "val_samples", "seed")})
+        saved = {**defaults, **ckpt["config"]}         # settings added since the checkpoint: their defaults
+        cfg.update({k: saved[k] for k in (*MODEL_KEYS, "eval_size", "edge_max_dist", "val_samples", "seed",
+                                           "data_seed")})
         if "batch_size" not in given:                   # batched as in training: the same numbers, to the bit
             cfg["batch_size"] = ckpt["config"]["batch_size"]
         cfg["pretrained"] = False                       # the checkpoint holds every weight
@@ -346,9 +351,12 @@ def _local_proc(target, cfg, ckpt_path, rank, world, port, threads, errors, data
 # --- a run begins: its process group, its inputs, its baselines, its seed -------------------------
 
 def setup_processes(cfg):
-    """This process's rank, the world and its device; joins the process group when there are several."""
+    """This process's rank, the world and its device; its inputs checked (before any collective: see
+    prepare_inputs); joins the process group when there are several."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+    if not _OWN:                                         # our own processes: their parent checked before starting them
+        prepare_inputs(cfg)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -359,23 +367,26 @@ def setup_processes(cfg):
     return Processes(rank, world, device, own=bool(_OWN), data=_OWN.get("data"))
 
 
-def check_inputs_once(cfg, procs):
-    """check_inputs on rank 0 only (one download, not one per process); every rank gets its verdict.
-    Our own processes skip it: their parent checked before starting them."""
-    if procs.own:
-        return
-    problem = None
-    if procs.master:
-        try:
-            check_inputs(cfg)
-        except UsageError as error:
-            problem = str(error)
-    if procs.distributed:
-        verdict = [problem]
-        dist.broadcast_object_list(verdict, src=0)
-        problem = verdict[0]
-    if problem:
-        raise UsageError(problem)
+def prepare_inputs(cfg):
+    """check_inputs in every process, one process at a time per data root (a file lock in it): the first
+    downloads while the others wait on the lock, not in a collective that would time out, and then find
+    the data present and only check it. Every machine prepares its own copy, so every node of a multi-node
+    run has its data, and every process reaches its verdict itself (a problem stops each with the same message)."""
+    if cfg["dataset"] == "synthetic" and not cfg["pretrained"]:
+        return                                           # nothing to fetch: no lock, no data folder
+    try:
+        import fcntl                                     # POSIX; elsewhere every process checks on its own
+    except ImportError:
+        return check_inputs(cfg)
+    root = datasets.resolve_data_root(cfg["data_dir"])
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".prepare.lock", "a")
+    except OSError:                                      # a read-only data root: nothing can be written there anyway
+        return check_inputs(cfg)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                 # released when the file closes, or the process dies
+        check_inputs(cfg)
 
 
 def load_baselines(folder, cfg):
@@ -398,6 +409,20 @@ def load_baselines(folder, cfg):
                 for k in runs[0] if isinstance(runs[0][k], (int, float))} for t, runs in found.items()}
 
 
+def resolve_amp(amp, device, capability=None):
+    """--amp made concrete: "none", "bf16" or "fp16". auto: bf16 on GPUs with native bf16 (compute
+    capability >= 8: Ampere and later; no scaler needed), fp16 with a scaler on older ones (V100, T4,
+    RTX 20xx), none elsewhere. capability: the GPU's (major, minor), asked of `device` when None.
+    torch.cuda.is_bf16_supported() would say yes on the older GPUs too: by default it counts emulation,
+    which runs bf16 without tensor cores."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "none"
+    major, _ = capability or torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -406,16 +431,19 @@ def seed_everything(seed):
 
 # --- --resume: the state of the loop from a checkpoint --------------------------------------------
 
-def restore_state(ckpt, path, model, optimizer, scheduler, scaler):
-    """--resume: a checkpoint's weights and everything else the loop needs to continue exactly.
-    Returns (start iteration, best score so far); a new run (ckpt None) starts at 0."""
+def restore_state(ckpt, path, model, optimizer, scheduler, scaler, procs, seed):
+    """--resume: a checkpoint's weights and everything else the loop needs to continue exactly, on any
+    device and in any precision. Returns (start iteration, best score of the evaluations before it); a new
+    run (ckpt None) starts at 0. Either way each process ends with its own RNG state (seed_ranks)."""
     if ckpt is None:
+        seed_ranks(seed, procs)
         return 0, -math.inf
     load_weights(model, ckpt, path)
     optimizer.load_state_dict(ckpt["optimizer"])
+    match_layouts(optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_states(ckpt["rng"])
+    load_scaler(scaler, ckpt["scaler"], procs)
+    seed_ranks(seed, procs, ckpt["rng"])
     # The schedule of this run's --max-iters: the scheduler's lambdas are this run's (a state_dict holds none).
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(ckpt["iteration"])
@@ -434,13 +462,47 @@ def load_weights(model, ckpt, path):
         raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
 
 
+def match_layouts(optimizer):
+    """Optimizer state in each parameter's memory layout. load_state_dict moves the state to the
+    parameter's device and dtype but keeps the saved layout (checked), and CUDA's fused Adam needs state,
+    gradient and parameter in one layout: a CPU checkpoint holds NCHW state, a --channels-last run has
+    channels-last parameters (and the other way round)."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if key != "step" and torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(value)         # p's device, dtype and strides
+
+
+def load_scaler(scaler, saved, procs):
+    """The checkpoint's fp16 loss scale, if it fits this run's precision; else the scaler starts fresh.
+    (A bf16 or fp32 run saves an empty state, which an fp16 scaler refuses.)"""
+    if bool(saved) == scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    elif procs.master:
+        print("note: the checkpoint's gradient scaler does not fit this run's --amp (fp16 and bf16/none "
+              "differ); the loss scale starts fresh", flush=True)
+
+
+def seed_ranks(seed, procs, saved=None):
+    """Each process's own RNG for dropout and stochastic depth (drawn in training only; the initial weights
+    come from `seed` on every process, the data stream from StreamSampler and SeededSamples). A new run:
+    process 0 keeps the sequence `seed` started, process r > 0 restarts from seed + r. A resumed run: each
+    process its saved states (rng_states); checkpoints from before per-process states hold one dict."""
+    saved = [saved] if isinstance(saved, dict) else saved or []
+    if procs.rank < len(saved):
+        set_rng_states(saved[procs.rank])
+    elif procs.rank > 0:
+        torch.manual_seed(seed + procs.rank)             # CPU and every GPU
+
+
 def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():          # the GPUs that exist here, of those saved
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 # --- data: a resumable, sharded stream ------------------------------------------------------------
@@ -448,13 +510,15 @@ def set_rng_states(states):
 def make_loaders(cfg, procs, batch_size, start_iter):
     """(val loader: this process's share of the val split; train batches: an endless iterator, or None
     for --eval-only, and the sizes of both splits). The train stream starts where iteration start_iter
-    left it. The datasets are the parent's (procs.data) when our own parent built them."""
+    left it. The datasets are the parent's (procs.data) when our own parent built them. Each loader has its
+    own generator (for its workers' base seed, which every sample's SeededSamples seed overrides) and so
+    draws nothing from the global RNG that dropout uses: a checkpoint's RNG state is that of the next step."""
     workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
     data = procs.data or build_all_data(cfg)
     val_set = data["val"]
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_set, range(procs.rank, len(val_set), procs.world)), batch_size=batch_size,
-        num_workers=workers, collate_fn=collate, pin_memory=pin)
+        num_workers=workers, collate_fn=collate, pin_memory=pin, generator=torch.Generator())
     if cfg["eval_only"]:
         return val_loader, None, len(val_set), 0
     train_set = data["train"]
@@ -462,7 +526,8 @@ def make_loaders(cfg, procs, batch_size, start_iter):
     sampler = StreamSampler(len(train_set), cfg["seed"], start_iter * step_images, procs.rank, procs.world)
     train_loader = torch.utils.data.DataLoader(
         SeededSamples(train_set, cfg["seed"]), batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0, drop_last=True)
+        collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0, drop_last=True,
+        generator=torch.Generator())
     return val_loader, iter(train_loader), len(val_set), len(train_set)
 
 
@@ -546,16 +611,27 @@ def collate(samples):
 
 # --- files: records, log lines, pictures, checkpoints ---------------------------------------------
 
-def start_outputs(cfg, start_iter, extra):
-    """config.json once; on resume, forget the log lines written after the checkpoint."""
-    path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    if cfg["resume"] and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["iter"] <= start_iter]
-        with open(path, "w") as f:
-            f.writelines(kept)
-    write_json(os.path.join(cfg["out_dir"], "config.json"), {**cfg, **extra})
-    return path
+def start_outputs(cfg, procs, start_iter, extra):
+    """config.json once; on resume, forget the log lines written after the checkpoint. Every process
+    calls it; returns (the path of metrics.jsonl, the evaluation recorded at start_iter or None). A
+    checkpoint is written before its evaluation, so a resumed run whose checkpoint's evaluation is not
+    on record (it failed, or the run stopped during it) evaluates first."""
+    path, recorded = os.path.join(cfg["out_dir"], "metrics.jsonl"), None
+    if procs.master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        if cfg["resume"] and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["iter"] <= start_iter]
+            with open(path, "w") as f:
+                f.writelines(kept)
+            evals = [json.loads(line) for line in kept if json.loads(line)["kind"] == "eval"]
+            recorded = next((r for r in evals if r["iter"] == start_iter), None)
+        write_json(os.path.join(cfg["out_dir"], "config.json"), {**cfg, **extra})
+    if procs.distributed and start_iter:
+        verdict = [recorded]
+        dist.broadcast_object_list(verdict, src=0)
+        recorded = verdict[0]
+    return path, recorded
 
 
 def write_json(path, record):
@@ -657,14 +733,30 @@ def draw_grey(x, channels, truth):
     return np.repeat(grey[..., None], 3, -1)
 
 
-def rng_states():
-    """Every generator's state, as tensors and plain Python values (so torch.load(weights_only=True) reads it)."""
+def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs):
+    """What --resume needs to continue after iteration `done`: called by every process (each adds its RNG
+    states), returned on process 0 (None elsewhere). best_score: the best of the evaluations before `done`
+    (the checkpoint is written before its own)."""
+    rng = rng_states(procs)
+    if not procs.master:
+        return None
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg}
+
+
+def rng_states(procs):
+    """Every generator's state in every process (a list in rank order on process 0, None elsewhere), as
+    tensors and plain Python values (so torch.load(weights_only=True) reads it)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     states = {"torch": torch.get_rng_state(), "python": random.getstate(),
               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    if not procs.distributed:
+        return [states]
+    gathered = [None] * procs.world if procs.master else None
+    dist.gather_object(states, gathered, dst=0)
+    return gathered
 
 
 def save_checkpoint(path, state):

@@ -76,6 +76,7 @@ def test_a_tiny_run_learns_and_writes_every_output(tiny_run):
         assert (out / name).is_file(), f"{name} missing; stdout:\n{proc.stdout}"
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "synthetic" and config["max_iters"] == 40 and config["dim"] == 16
+    assert config["amp"] == "auto" and config["amp_resolved"] == "none" and "amp none (auto)" in proc.stdout
     losses = train_losses(out / "metrics.jsonl")
     assert [it for it, _, _ in losses] == list(range(2, 41, 2))
     first, last = losses[0][1], sum(l for _, l, _ in losses[-3:]) / 3
@@ -181,6 +182,52 @@ def test_the_real_nyud_path_on_an_exported_packaging_b_tree(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == {"semseg", "depth", "normals", "edge"}
     assert "4 train / 2 val images" in proc.stdout
+
+
+def test_compile_survives_evaluation_at_another_size(tmp_path):
+    """--compile with the nyud preset: training at the 32x48 crop, evaluation padded to 480x640. (A module
+    compiled for the crop recompiles with symbolic sizes at evaluation, and the padding's modulo fails to
+    compile; evaluation runs the module uncompiled.)"""
+    source = SyntheticRooms("train", 3, size=(48, 64), seed=3, tasks=["semseg", "depth", "normals", "edge"])
+    datasets.export_nyud_layout(torch.utils.data.Subset(source, range(2)), tmp_path / "NYUD_MT", "train")
+    datasets.export_nyud_layout(torch.utils.data.Subset(source, range(2, 3)), tmp_path / "NYUD_MT", "val")
+    out = tmp_path / "run"
+    run(["--dataset", "nyud", "--data-dir", str(tmp_path), "--no-download", "--backbone", "tiny", "--no-pretrained",
+         "--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--workers", "0", "--batch-size", "2",
+         "--procs", "1", "--max-iters", "2", "--eval-interval", "1", "--compile", "--out-dir", str(out)], timeout=1200)
+    evals = [r["iter"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals == [1, 2] and (out / "results.json").is_file()
+
+
+class EvaluationFailed(Exception):
+    pass
+
+
+def test_a_failed_evaluation_loses_no_training_and_runs_again_on_resume(tmp_path, monkeypatch):
+    """The checkpoint is written before each evaluation: an evaluation that fails leaves the steps
+    before it on disk, and --resume evaluates first, then continues exactly as an unbroken run."""
+    common = [*TINY, "--max-iters", "4", "--eval-interval", "2", "--tasks", "semseg,depth"]
+    assert train.cli([*common, "--out-dir", str(tmp_path / "whole")]) == 0
+    original = train.evaluate
+
+    def fails_first(*args, **kwargs):
+        monkeypatch.setattr(train, "evaluate", original)
+        raise EvaluationFailed("the first evaluation fails")
+
+    monkeypatch.setattr(train, "evaluate", fails_first)
+    out = tmp_path / "broken"
+    with pytest.raises(EvaluationFailed):
+        train.cli([*common, "--out-dir", str(out)])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iteration"] == 2
+    assert train.cli(["--resume", str(out), "--workers", "0"]) == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [(r["kind"], r["iter"]) for r in records] == [(r["kind"], r["iter"]) for r in
+                                                          read_jsonl(tmp_path / "whole" / "metrics.jsonl")]
+    assert train_losses(out / "metrics.jsonl") == train_losses(tmp_path / "whole" / "metrics.jsonl")
+    assert json.loads((out / "results.json").read_text())["metrics"] == \
+        json.loads((tmp_path / "whole" / "results.json").read_text())["metrics"]
+    best, whole = (torch.load(path / "best.pt", weights_only=True) for path in (out, tmp_path / "whole"))
+    assert (best["iteration"], best["best_score"]) == (whole["iteration"], whole["best_score"])
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
