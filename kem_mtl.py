@@ -55,7 +55,7 @@ What the paper leaves open and how we read it [ours]
   ETF; "both" (the frame itself is in etf.py); "normalize" = tokens L2-normalised only, the control
   that separates the frame from the normalisation it includes.
 - The network: shared backbone -> one small encoder per task -> tokens -> exchange -> one
-  decoder per task, with a skip connection from the backbone's stride-4 features (ours).
+  decoder per task, with a skip connection from the backbone's stride-4 features [ours].
 
 Letters used in shapes: B batch, T tasks, N tokens (all tasks), L slots, D width, top_k selected tokens,
 H x W image, h x w token grid, C channels.
@@ -226,7 +226,7 @@ class KEM(nn.Module):
     The six projections are D x D matrices named and oriented as in the paper (tokens are rows, so
     the paper's F W is `F @ W`). Two forward passes compute the same function:
     - `forward_literal` is the paper's three equations exactly as written: read it next to the paper;
-    - `forward` reassociates the products so that no D x D matrix multiplies the N tokens (ours):
+    - `forward` reassociates the products so that no D x D matrix multiplies the N tokens [ours]:
           (R W_qr)(F W_kr)^T = ((R W_qr) W_kr^T) F^T          A_r (F W_vr) = (A_r F) W_vr
           (F W_qw)(R^ W_kw)^T = F ((R^ W_kw) W_qw^T)^T
       which turns the paper's 3 N D^2 term into 6 L D^2, and applies 1/sqrt(D) to those L x D

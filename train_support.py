@@ -457,7 +457,7 @@ def load_weights(model, ckpt, path):
     except RuntimeError as error:
         old = any(k.endswith(("W_qr.weight", "W_q.weight")) or k.startswith("etf_features.") for k in ckpt["model"])
         reason = ("it was written before KEM and cross-attention held their projections as the paper's D x D "
-                  "matrices, and this version cannot load it; train the run again" if old else
+                  "matrices, which this code cannot load; train the run again" if old else
                   str(error).split("\n\t")[0] + " (" + "; ".join(str(error).split("\n\t")[1:3])[:300] + ")")
         raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
 
