@@ -67,7 +67,8 @@ def in_two_processes(work, timeout=120):
 
 
 def digest(model):
-    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.state_dict().values())).hexdigest()
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.state_dict().values()
+                                        if torch.is_tensor(p))).hexdigest()
 
 
 # --- precision -----------------------------------------------------------------------------------
