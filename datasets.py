@@ -92,7 +92,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
@@ -707,7 +707,7 @@ PAD_VALUE = {"semseg": IGNORE_INDEX, "parts": IGNORE_INDEX, "edge": IGNORE_INDEX
 
 def _resize(x: torch.Tensor, hw: tuple, mode: str) -> torch.Tensor:
     """Resize a (C, H, W) or (H, W) tensor; labels go through float and back (exact up to 2^24)."""
-    y = F.interpolate(x.reshape(1, -1, *x.shape[-2:]).float(), size=hw, mode=mode,
+    y = nnf.interpolate(x.reshape(1, -1, *x.shape[-2:]).float(), size=hw, mode=mode,
                       **({"align_corners": False} if mode == "bilinear" else {}))
     return y.reshape(*x.shape[:-2], *hw).to(x.dtype)
 
@@ -752,7 +752,7 @@ def pad_to(sample: dict, hw: tuple) -> dict:
             out[key] = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(3, 1, 1).repeat(1, H + ph, W + pw)
             out[key][:, :H, :W] = x
         else:
-            out[key] = F.pad(x, (0, pw, 0, ph), value=PAD_VALUE[key])
+            out[key] = nnf.pad(x, (0, pw, 0, ph), value=PAD_VALUE[key])
     return out
 
 

@@ -38,7 +38,11 @@ KEM.forward_literal is the same function written exactly as the three equations 
 side by side in the class and agree to float rounding (to 1e-12 in float64).
 In code the six matrices are D x D parameters named as in the paper and oriented as in the paper
 (tokens are rows: the paper's F W is `F @ W`), and F is the token matrix, which is why
-torch.nn.functional is imported here as `nnf`.
+torch.nn.functional is imported as `nnf` (in every module of the project).
+
+Reading order: topk_softmax and resolve_topk, KEM, CrossTaskAttention, their shared helpers, the
+token maps, the backbones, MultiTaskNet; what exists only for torch.export and torch.jit.trace sits
+in one marked section at the end.
 
 What the paper leaves open and how we read it [ours]
 ----------------------------------------------------
@@ -97,24 +101,13 @@ def _etf():
         try:
             import etf                           # kem_mtl.py as a top-level module
         except ImportError as error:
-            raise ImportError("ETF slots and ETF features need etf.py (the simplex ETF) next to kem_mtl.py; "
+            raise ImportError("ETF slots, ETF features and their normalize control need etf.py next to kem_mtl.py; "
                               "copy it there, or use slots='learned' / etf='none'") from error
     return etf
 
 
 # ----------------------------------------------------------------------------------------------
 # top-k softmax: the selection that makes KEM a bottleneck
-
-def _integer(value):
-    """value as a Python int if it is an integer of any kind (int, a NumPy integer, a 0-d integer
-    tensor; not a bool), else None."""
-    if isinstance(value, bool) or isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
 
 def topk_softmax(scores, k, dim=-1, mode="mask"):
     """Softmax that gives non-zero weight to at most the k largest scores along `dim`.
@@ -125,17 +118,12 @@ def topk_softmax(scores, k, dim=-1, mode="mask"):
     k entries survive even when scores tie (in bfloat16 they often do). Gradients: "mask" passes none
     to the dropped scores; "post" does, through softmax's denominator. k may also be a symbolic size
     (torch.export with dynamic shapes) or a traced 0-d tensor (torch.jit.trace), as resolve_topk
-    gives it; it must then lie in [1, N].
+    gives it; it must then lie in [1, N] (see the export section at the end of this file).
     """
     if mode not in ("mask", "post"):
         raise ValueError(f"mode must be 'mask' or 'post', got {mode!r}")
-    if isinstance(k, torch.SymInt) or torch.jit.is_tracing() and isinstance(k, torch.Tensor):
-        # k is a formula in a symbolic N (torch.export) or a traced tensor (torch.jit.trace). torch.topk
-        # would make torch.export prove k <= N and k != 1 for every N, which it cannot, and would fix a
-        # traced k, so the top-k set is taken by rank instead: no shape depends on k. Ties are broken
-        # by position (the earlier score wins), where torch.topk breaks them its own way.
-        rank = scores.argsort(dim=dim, descending=True, stable=True).argsort(dim=dim)   # 0: the row's largest
-        keep = rank < k
+    if _is_symbolic(k):
+        keep = _top_k_by_rank(scores, k, dim)                             # torch.export / jit.trace
     else:
         count = k if isinstance(k, int) and not isinstance(k, bool) else _integer(k)   # torch.compile's k is an int
         if count is None or count < 1:
@@ -148,18 +136,6 @@ def topk_softmax(scores, k, dim=-1, mode="mask"):
         # -inf is exact in every float format, so the masked weights are exactly 0, also in fp16.
         return scores.masked_fill(~keep, float("-inf")).softmax(dim)
     return scores.softmax(dim) * keep
-
-
-def _as_topk(topk):
-    """topk as a Python int (a count) or float (a fraction), whatever number type it came as; a
-    value of no number type comes back as it is, for resolve_topk to refuse."""
-    count = _integer(topk)
-    if count is not None:
-        return count
-    if isinstance(topk, numbers.Real) and not isinstance(topk, bool) or \
-            isinstance(topk, torch.Tensor) and topk.dim() == 0 and topk.is_floating_point():
-        return float(topk)
-    return topk
 
 
 def resolve_topk(topk, num_tokens):
@@ -176,42 +152,14 @@ def resolve_topk(topk, num_tokens):
     is_count = isinstance(value, int) and not isinstance(value, bool)
     if not (is_count and value >= 1 or isinstance(value, float) and 0.0 < value <= 1.0):
         raise ValueError(f"topk must be a count >= 1 or a fraction in (0, 1], got {topk!r}; try 0.25 or 64")
-    if torch.jit.is_tracing() and isinstance(num_tokens, torch.Tensor):   # torch.jit.trace: N is a traced tensor
-        k = num_tokens.clamp(max=value) if is_count else torch.ceil(num_tokens.double() * value).long().clamp(1)
-        return k.clamp(max=num_tokens)                                          # the same formula, traced
+    if torch.jit.is_tracing() and isinstance(num_tokens, torch.Tensor):
+        return _traced_top_k(value, is_count, num_tokens)                # torch.jit.trace
     k = value if is_count else torch.sym_max(1, math.ceil(value * num_tokens))
     return torch.sym_min(k, num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
 # The exchange modules: KEM (the paper's) and full cross-attention (the baseline it criticises)
-
-def _projection(dim, device=None, dtype=None):
-    """A D x D matrix W in the paper's orientation (a token row x maps to x W), initialised like
-    nn.Linear: U(-1/sqrt(D), 1/sqrt(D))."""
-    W = torch.empty(dim, dim, device=device, dtype=dtype)
-    nn.init.uniform_(W, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
-    return nn.Parameter(W)
-
-
-def _check_tokens(module, F):
-    """ValueError unless F is (B, N, D) with the module's D, saying what came and how to get there."""
-    D = module.dim
-    if F.dim() == 3 and (torch.jit.is_tracing() or F.shape[-1] == D):   # traced sizes are tensors: not checked
-        return
-    name, shape = type(module).__name__, tuple(F.shape)
-    if F.dim() == 3:
-        hint = (f"the tokens are {shape[-1]} wide: project them to {D} (e.g. nn.Linear({shape[-1]}, {D})) "
-                f"or build {name}(dim={shape[-1]})")
-    elif F.dim() == 4:
-        hint = ("a (B, C, h, w) map becomes tokens with x.flatten(2).transpose(1, 2), "
-                "a channels-last (B, h, w, C) map with x.flatten(1, 2)")
-    elif F.dim() == 2:
-        hint = "tokens of one sample need a batch dimension: F.unsqueeze(0)"
-    else:
-        hint = "tokens are a batch of sequences of D-wide vectors"
-    raise ValueError(f"{name} expects tokens of shape (B, N, D) with D = dim = {D}, got a tensor of shape {shape}; {hint}")
-
 
 class KEM(nn.Module):
     """Knowledge Extraction Module: Retrieve (top-k), Write, Broadcast. (B, N, D) -> (B, N, D).
@@ -392,12 +340,74 @@ class CrossTaskAttention(nn.Module):
         return out
 
 
+# ----------------------------------------------------------------------------------------------
+# What the exchange modules share: number types for k, the D x D projections, the shape check
+
+def _integer(value):
+    """value as a Python int if it is an integer of any kind (int, a NumPy integer, a 0-d integer
+    tensor; not a bool), else None."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+
+def _as_topk(topk):
+    """topk as a Python int (a count) or float (a fraction), whatever number type it came as; a
+    value of no number type comes back as it is, for resolve_topk to refuse."""
+    count = _integer(topk)
+    if count is not None:
+        return count
+    if isinstance(topk, numbers.Real) and not isinstance(topk, bool) or \
+            isinstance(topk, torch.Tensor) and topk.dim() == 0 and topk.is_floating_point():
+        return float(topk)
+    return topk
+
+
+def _projection(dim, device=None, dtype=None):
+    """A D x D matrix W in the paper's orientation (a token row x maps to x W), initialised like
+    nn.Linear: U(-1/sqrt(D), 1/sqrt(D))."""
+    W = torch.empty(dim, dim, device=device, dtype=dtype)
+    nn.init.uniform_(W, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+    return nn.Parameter(W)
+
+
+def _check_tokens(module, F):
+    """ValueError unless F is (B, N, D) with the module's D, saying what came and how to get there."""
+    D = module.dim
+    if F.dim() == 3 and (torch.jit.is_tracing() or F.shape[-1] == D):   # traced sizes are tensors: not checked
+        return
+    name, shape = type(module).__name__, tuple(F.shape)
+    if F.dim() == 3:
+        hint = (f"the tokens are {shape[-1]} wide: project them to {D} (e.g. nn.Linear({shape[-1]}, {D})) "
+                f"or build {name}(dim={shape[-1]})")
+    elif F.dim() == 4:
+        hint = ("a (B, C, h, w) map becomes tokens with x.flatten(2).transpose(1, 2), "
+                "a channels-last (B, h, w, C) map with x.flatten(1, 2)")
+    elif F.dim() == 2:
+        hint = "tokens of one sample need a batch dimension: F.unsqueeze(0)"
+    else:
+        hint = "tokens are a batch of sequences of D-wide vectors"
+    raise ValueError(f"{name} expects tokens of shape (B, N, D) with D = dim = {D}, got a tensor of shape {shape}; {hint}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Token maps applied before the exchange (MultiTaskNet's etf option)
+
 class Normalize(nn.Module):
-    """Tokens L2-normalised, nothing else: the control for ETFProjection (same normalisation, no
-    frame), so that an effect of sKEM's "features" can be told apart from normalisation [ours]."""
+    """Tokens L2-normalised, nothing else: the control for etf.ETFProjection, which applies this same
+    function and then the frame, so that an effect of sKEM's "features" can be told apart from the
+    normalisation it includes [ours]. Needs etf.py, like the mode it controls."""
+
+    def __init__(self):
+        super().__init__()
+        self.l2_normalize = _etf().l2_normalize
 
     def forward(self, x):
-        return x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        return self.l2_normalize(x)                                     # (B, N, D), each token of unit length
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,7 +515,7 @@ class MultiTaskNet(nn.Module):
     a single task is the single-task baseline. exchange: "kem" | "cross" | "none". etf: "none" |
     "features" (tokens into ETF space before the exchange) | "slots" (KEM's slots are a fixed ETF) |
     "both" | "normalize" (tokens L2-normalised only: the control for "features"); "slots" and "both"
-    need exchange="kem". topk, num_slots, topk_mode: KEM's. freeze_backbone: the backbone is not
+    need exchange="kem"; every mode but "none" needs etf.py. topk, num_slots, topk_mode: KEM's. freeze_backbone: the backbone is not
     trained (one reading of the paper's "fixed" encoder [ours]; off by default). check_options
     checks all of these without building anything.
     forward(images (B, 3, H, W)) -> {task: (B, C_t, H, W)} of raw outputs: logits for classes, edges
@@ -603,3 +613,28 @@ class MultiTaskNet(nn.Module):
             y = nnf.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
             outputs[t] = y[:, :, :H, :W]                                # (B, C_t, H, W)
         return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Only for torch.export and torch.jit.trace: k as a formula in N
+#
+# Under torch.export (dynamic shapes) N, and so k, is a symbol; under torch.jit.trace both are 0-d
+# tensors. torch.topk would make torch.export prove k <= N and k != 1 for every N, which it cannot,
+# and would fix a traced k, so the top-k set is taken by rank instead: no shape depends on k. Ties
+# are then broken by position (the earlier score wins), where torch.topk breaks them its own way.
+
+def _is_symbolic(k):
+    """k is a symbolic size (torch.export) or a traced tensor (torch.jit.trace)."""
+    return isinstance(k, torch.SymInt) or torch.jit.is_tracing() and isinstance(k, torch.Tensor)
+
+
+def _top_k_by_rank(scores, k, dim):
+    """The boolean mask of each row's k largest scores, found by rank."""
+    rank = scores.argsort(dim=dim, descending=True, stable=True).argsort(dim=dim)   # 0: the row's largest
+    return rank < k
+
+
+def _traced_top_k(value, is_count, num_tokens):
+    """resolve_topk's formula with N a traced 0-d tensor."""
+    k = num_tokens.clamp(max=value) if is_count else torch.ceil(num_tokens.double() * value).long().clamp(1)
+    return k.clamp(max=num_tokens)

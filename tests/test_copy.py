@@ -52,19 +52,21 @@ assert str(ROOT) not in [p.rstrip("/") for p in sys.path], "the repository leake
 assert kem_mtl.__file__.startswith(HERE), kem_mtl.__file__
 x = torch.randn(2, 30, 16)
 assert kem_mtl.KEM(16, 4)(x).shape == x.shape
-net = kem_mtl.MultiTaskNet({{"semseg": 3, "depth": 1}}, dim=16, num_slots=4, etf="normalize")
+net = kem_mtl.MultiTaskNet({{"semseg": 3, "depth": 1}}, dim=16, num_slots=4)
 assert net(torch.randn(1, 3, 16, 24))["depth"].shape == (1, 1, 16, 24)
 """
 
 WITH_ETF = """
 assert kem_mtl.KEM(16, 4, slots="etf")(x).shape == x.shape
-net = kem_mtl.MultiTaskNet({{"semseg": 3}}, dim=16, num_slots=4, etf="both")
-assert net(torch.randn(1, 3, 16, 24))["semseg"].shape == (1, 3, 16, 24)
+for mode in ("both", "normalize"):
+    net = kem_mtl.MultiTaskNet({{"semseg": 3}}, dim=16, num_slots=4, etf=mode)
+    assert net(torch.randn(1, 3, 16, 24))["semseg"].shape == (1, 3, 16, 24)
 print(sorted(m for m in sys.modules if m == "etf" or m.endswith(".etf")))
 """
 
 WITHOUT_ETF = """
-for make in (lambda: kem_mtl.KEM(16, 4, slots="etf"), lambda: kem_mtl.MultiTaskNet({{"semseg": 3}}, dim=16, etf="features")):
+for make in (lambda: kem_mtl.KEM(16, 4, slots="etf"), lambda: kem_mtl.MultiTaskNet({{"semseg": 3}}, dim=16, etf="features"),
+             lambda: kem_mtl.MultiTaskNet({{"semseg": 3}}, dim=16, etf="normalize")):
     try:
         make()
     except ImportError as error:
