@@ -841,7 +841,7 @@ DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}
 
 
 def build_dataset(name: str, split: str, *, root=None, train=None, size=None, tasks=None,
-                  download=True, num_samples=None, seed=0, cache=False, render_procs=1) -> Dataset:
+                  download=True, num_samples=None, seed=0, cache=False, render_procs=1, edit_scene=None) -> Dataset:
     """A ready dataset for train.py.
 
     Args:
@@ -857,6 +857,7 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
         seed: synthetic scene seed.
         cache: synthetic: render every scene once, up front, and keep it in memory.
         render_procs: synthetic with cache: render in this many forked processes.
+        edit_scene: synthetic only: SyntheticRooms' scene edit (a function applied to each drawn scene).
     """
     _check_name(name)
     if split not in ("train", "val"):
@@ -872,7 +873,10 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
     if name == "synthetic":
         from synthetic import SyntheticRooms  # only the offline dataset needs synthetic.py
         return SyntheticRooms(split, num_samples or DEFAULT_NUM_SAMPLES[split], size=size, seed=seed,
-                              tasks=list(tasks), transform=transform, cache=cache, render_procs=render_procs)
+                              tasks=list(tasks), transform=transform, cache=cache, render_procs=render_procs,
+                              edit_scene=edit_scene)
+    if edit_scene is not None:
+        raise ValueError(f"edit_scene edits SyntheticRooms' scenes; {name} has none to edit")
     path = prepare_dataset(name, root, download_ok=download)
     ds = _DATASET_CLASSES[name](path, split, transform=transform, tasks=tasks)
     return ds if num_samples is None else Subset(ds, range(min(num_samples, len(ds))))

@@ -10,8 +10,9 @@
 
 How to read this file, top to bottom: the presets (every default, per dataset); TASKS, the one table
 that says per task how it is trained, scored and drawn; the configuration (flags over a preset);
-the model and its optimiser; one training step and the evaluation; then `run()`, the story of a
-run, and `main()`, which configures it. What a run needs around the loop (our own CPU processes,
+the model and its optimiser; one training step and the evaluation; then the program: `Hooks` (what
+an experiment may change in a run), `main()`, which configures a run, `start()` and `run()`, the
+story of a run, `evaluate_checkpoint()` for --eval-only, and `cli()`, which reports bad input. What a run needs around the loop (our own CPU processes,
 the resumable data stream, checkpoint and record files, input checks, pictures) is in
 train_support.py, imported as `support`; its docstring says how a run stays reproducible.
 
@@ -262,7 +263,7 @@ def precision(amp, device):
 
 
 def build_model(cfg):
-    """The network a config describes (module-level name lookup, so a subclass patched in is used)."""
+    """The network a config describes."""
     channels = datasets.task_channels(cfg["dataset"])
     return MultiTaskNet({t: channels[t] for t in cfg["tasks"]}, backbone=cfg["backbone"],
                         pretrained=cfg["pretrained"], exchange=cfg["exchange"], etf=cfg["etf"], dim=cfg["dim"],
@@ -393,43 +394,63 @@ def headline_score(results, task):
 
 # --- the program ------------------------------------------------------------------------------
 
-def main(argv=None):
+@dataclasses.dataclass
+class Hooks:
+    """What an experiment may change in a run (the studies in research/ use them): passed to cli(),
+    main(), run() and evaluate_checkpoint(); the defaults change nothing. When our own CPU processes are
+    spawned rather than forked (not on Linux), the hooks travel to them pickled: module-level functions
+    or instances of module-level classes, not closures."""
+    model: Callable = None       # (model, cfg) -> model: alter or wrap the network right after it is built
+    dataset: Callable = None     # (split, cfg, build) -> dataset: build(**options) makes the split as the run
+    #                              would (options: datasets.build_dataset's, e.g. edit_scene); return it or a wrapper
+    optimizer: Callable = None   # (model, optimizer, scheduler, cfg) -> None: once both exist (e.g. step hooks)
+    evaluated: Callable = None   # (model, cfg, procs, it, record) -> None: after every evaluation, every process
+
+
+def main(argv=None, hooks=None):
     """Configure a run from the command line, then run it: here, or in our own CPU processes."""
+    hooks = hooks or Hooks()
     args, given = parse_args(argv)
     cfg = resolve_config(args, given)                   # preset <- flags; every rule checked here
     cfg, ckpt_path = support.restore_config(cfg, given, COMMON)   # --resume / --eval-only: the run's own settings
     story = evaluate_checkpoint if cfg["eval_only"] else run
     n = support.local_procs(cfg)
     if n == 1:
-        return story(cfg, ckpt_path)
+        return story(cfg, ckpt_path, hooks)
     support.check_inputs(cfg)                           # data and weights once, before the processes start
-    support.spawn_local_procs(story, cfg, ckpt_path, n)   # each runs story(cfg) on its share of every batch
+    support.spawn_local_procs(story, cfg, ckpt_path, n, hooks)   # each runs story() on its share of every batch
 
 
-def start(cfg):
+def start(cfg, hooks):
     """What every run begins with: its processes and device, its inputs checked, the Δm baselines, its
-    precision, and the seeded network on its device."""
+    precision, and the seeded network (as hooks.model leaves it) on its device."""
     procs = support.setup_processes(cfg)                # data and weights checked before any collective
     baselines = support.load_baselines(cfg["baselines"], cfg) if cfg["baselines"] else None
     cfg["amp_resolved"] = support.resolve_amp(cfg["amp"], procs.device)    # into config.json
     autocast, scaler = precision(cfg["amp_resolved"], procs.device)
     support.seed_everything(cfg["seed"])                # the same initial weights in every process
-    model = build_model(cfg).to(procs.device)
+    model = build_model(cfg)
+    if hooks.model:
+        model = hooks.model(model, cfg)
+    model = model.to(procs.device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     return procs, baselines, autocast, scaler, model
 
 
-def run(cfg, ckpt_path=None):
+def run(cfg, ckpt_path=None, hooks=None):
     """The story of a training run: set-up, model and optimiser, resume, data, the loop, the results.
-    ckpt_path: the checkpoint to continue (--resume), else None."""
+    ckpt_path: the checkpoint to continue (--resume), else None. hooks: what an experiment changes (Hooks)."""
     start_time = time.time()
-    procs, baselines, autocast, scaler, model = start(cfg)
+    hooks = hooks or Hooks()
+    procs, baselines, autocast, scaler, model = start(cfg, hooks)
     log = print if procs.master else (lambda *a, **k: None)
 
     # -- optimiser; for --resume, the checkpoint's weights, optimiser, scheduler, scaler and RNG states
     num_params = sum(p.numel() for p in model.parameters())
     optimizer, scheduler = build_optimizer(model, cfg)
+    if hooks.optimizer:
+        hooks.optimizer(model, optimizer, scheduler, cfg)
     ckpt = support.load_checkpoint(ckpt_path)[0] if ckpt_path else None
     start_iter, best_score = support.restore_state(ckpt, ckpt_path, model, optimizer, scheduler, scaler, procs,
                                                    cfg["seed"])     # and each process's own dropout RNG
@@ -441,7 +462,7 @@ def run(cfg, ckpt_path=None):
 
     # -- data: this process's share of every batch
     batch_size = procs.share(cfg["batch_size"])
-    val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_iter)
+    val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_iter, hooks)
     out_dir = cfg["out_dir"]
     metrics_path, recorded = support.start_outputs(cfg, procs, start_iter, {
         "world_size": procs.world, "torch": torch.__version__, "parameters": num_params})
@@ -484,6 +505,8 @@ def run(cfg, ckpt_path=None):
             exact = " (exact edge matching)" if final and "edge" in cfg["tasks"] else ""
             log(f"evaluating at iteration {done}{exact}", flush=True)
             last = evaluate_and_record(raw_model, val_loader, cfg, procs, autocast, done, final, baselines)
+            if hooks.evaluated:
+                hooks.evaluated(raw_model, cfg, procs, done, last)
             score = headline_score(last["metrics"], cfg["tasks"][0])
             if procs.master:
                 support.append_jsonl(metrics_path, last)
@@ -504,16 +527,19 @@ def run(cfg, ckpt_path=None):
     return finish(procs, last)
 
 
-def evaluate_checkpoint(cfg, ckpt_path):
+def evaluate_checkpoint(cfg, ckpt_path, hooks=None):
     """--eval-only: a checkpoint's metrics on the val split (exact edges), into eval_<checkpoint>.json."""
-    procs, baselines, autocast, _, model = start(cfg)
+    hooks = hooks or Hooks()
+    procs, baselines, autocast, _, model = start(cfg, hooks)
     ckpt = support.load_checkpoint(ckpt_path)[0]
     support.load_weights(model, ckpt, ckpt_path)       # evaluated uncompiled, as in training (--compile is ignored)
-    val_loader, _, num_val, _ = support.make_loaders(cfg, procs, procs.share(cfg["batch_size"]), 0)
+    val_loader, _, num_val, _ = support.make_loaders(cfg, procs, procs.share(cfg["batch_size"]), 0, hooks)
     if procs.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         print(f"evaluating {ckpt_path} (iteration {ckpt['iteration']}) on {num_val} val images", flush=True)
     record = evaluate_and_record(model, val_loader, cfg, procs, autocast, ckpt["iteration"], True, baselines)
+    if hooks.evaluated:
+        hooks.evaluated(model, cfg, procs, ckpt["iteration"], record)
     if procs.master:
         name = os.path.splitext(os.path.basename(ckpt_path))[0]
         support.write_json(os.path.join(cfg["out_dir"], f"eval_{name}.json"),
@@ -527,12 +553,12 @@ def finish(procs, record):
     return record
 
 
-def cli(argv=None):
+def cli(argv=None, hooks=None):
     """main() with bad input reported as one paragraph and a non-zero exit code, no traceback."""
     quiet = int(os.environ.get("RANK", "0")) != 0         # several processes: only rank 0 speaks
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"   # one line, no source
     try:
-        main(argv)
+        main(argv, hooks)
     except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError, RunStopped) as error:
         if not quiet:
             print(f"error: {error}", file=sys.stderr)

@@ -4,7 +4,8 @@ train.py is the file to read for the multi-task training loop; this one holds wh
 reader of the loop does not: the command line's argument types and error wording, --resume and
 --eval-only settings taken from a checkpoint, our own CPU processes, the dataset and weights checks,
 the resumable data stream, checkpoint and RNG I/O, JSON records and the evaluation pictures.
-Functions stand in the order a run first calls them (train.main, then train.run / train.evaluate_checkpoint).
+Seven headed sections, in the order a run first needs them: errors and the command line, processes
+and devices, inputs, data, checkpoints (what is saved sits beside what loads it), records, pictures.
 
 Reproducibility, in three pieces (the data stream and checkpoints live here, the losses in train.py):
 - the data stream is a function of (seed, position): StreamSampler shuffles each epoch with
@@ -28,6 +29,7 @@ GPU, each with a whole batch.
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -47,6 +49,8 @@ import datasets
 import metrics
 
 
+# --- errors and the command line: argument types, and module errors in its words ------------------
+
 class UsageError(Exception):
     """Bad input (flags, data, weights, checkpoints): printed as one paragraph, no traceback."""
 
@@ -54,8 +58,6 @@ class UsageError(Exception):
 class RunStopped(Exception):
     """The run stopped on its own (a training process failed): printed as one paragraph, exit code 1."""
 
-
-# --- the command line: argument types, and module errors in its words -----------------------------
 
 def size(text):
     try:
@@ -97,81 +99,8 @@ def as_flags(message, flags):
     return re.sub(r"(?<![-\w'])(topk_mode|topk|num_slots|dim)\b(?![=-])", lambda m: flag(m[1]), message)
 
 
-# --- --resume and --eval-only: the run's settings come from its checkpoint ------------------------
-
-# Settings that may change when a run is resumed; every other one must match the checkpoint.
-# amp and channels_last among them: a run may continue on another device, in the precision and layout that fit it.
-RESUMABLE = {"out_dir", "resume", "device", "workers", "log_interval", "eval_interval", "data_dir", "download",
-             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last"}
-
-
-# Settings that define the network: taken from the checkpoint by --eval-only.
-MODEL_KEYS = ("dataset", "tasks", "backbone", "exchange", "etf", "dim", "num_slots", "topk", "topk_mode",
-              "freeze_backbone")
-
-
-def restore_config(cfg, given, defaults):
-    """--resume and --eval-only take the run's settings from their checkpoint. Returns (cfg, checkpoint
-    path or None); a new run gets its out_dir here, once, so that every process writes to the same one.
-    defaults: every setting's default, for settings added since a checkpoint was written."""
-    if cfg["resume"]:
-        ckpt, path = load_checkpoint(cfg["resume"])
-        # The run's own settings come back from the checkpoint; flags may change only RESUMABLE ones.
-        differ = config_differences(ckpt["config"], cfg, [k for k in given if k not in RESUMABLE], defaults)
-        if differ:
-            raise UsageError(f"--resume {cfg['resume']} was trained with other settings: " + "; ".join(differ)
-                             + ". Drop those flags to continue the run, or start a new run with a new --out-dir")
-        # (and settings added since the checkpoint was written: their defaults).
-        cfg = {**defaults, **ckpt["config"], **{k: cfg[k] for k in given if k in RESUMABLE}}
-        cfg["out_dir"] = os.path.dirname(os.path.abspath(path))
-        return cfg, path
-    if cfg["eval_only"]:
-        ckpt, path = load_checkpoint(cfg["ckpt"])
-        differ = config_differences(ckpt["config"], cfg, [k for k in MODEL_KEYS if k in given], defaults)
-        if differ:
-            raise UsageError(f"--ckpt {cfg['ckpt']} holds a different network than the flags ask for: "
-                             + "; ".join(differ) + ". Drop those flags: --eval-only takes them from the checkpoint")
-        saved = {**defaults, **ckpt["config"]}         # settings added since the checkpoint: their defaults
-        cfg.update({k: saved[k] for k in (*MODEL_KEYS, "eval_size", "edge_max_dist", "val_samples", "seed",
-                                           "data_seed")})
-        if "batch_size" not in given:                   # batched as in training: the same numbers, to the bit
-            cfg["batch_size"] = ckpt["config"]["batch_size"]
-        cfg["pretrained"] = False                       # the checkpoint holds every weight
-        cfg["out_dir"] = cfg["out_dir"] or os.path.dirname(os.path.abspath(path))
-        return cfg, path
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['exchange']}-{stamp}")
-    if os.path.exists(os.path.join(cfg["out_dir"], "config.json")):
-        raise UsageError(f"--out-dir {cfg['out_dir']} already holds a run; continue it with --resume "
-                         f"{cfg['out_dir']}, or choose another --out-dir")
-    return cfg, None
-
-
-def load_checkpoint(path):
-    """(checkpoint dict, its path) or a UsageError that says what is wrong with the file."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}; give a run directory holding ckpt.pt, or a .pt file")
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"              # torch.save writes a zip archive
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True) if zipped else None
-    except Exception:                                    # truncated, or a zip of something else
-        ckpt = None
-    if not isinstance(ckpt, dict) or not {"model", "config", "iteration"} <= ckpt.keys():
-        what = "is damaged or incomplete (an interrupted copy?)" if zipped else "is not a checkpoint"
-        raise UsageError(f"cannot read checkpoint {path}: the file {what}. train.py writes runs/<run>/ckpt.pt "
-                         f"and best.pt; use one of those")
-    return ckpt, path
-
-
-def config_differences(saved, cfg, keys, defaults):
-    saved = {**defaults, **saved}          # settings added since the checkpoint was written: their defaults
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
-
-
-# --- processes: how many, on which device ---------------------------------------------------------
+# --- processes and devices -----------------------------------------------------------------------
+# How many processes, on which device; our own CPU processes; the process group; precision; the seed.
 
 @dataclasses.dataclass
 class Processes:
@@ -225,7 +154,112 @@ def pick_device(name, local_rank):
     return torch.device(name)
 
 
-# --- inputs: data and pretrained weights, checked before anything big starts ----------------------
+def spawn_local_procs(target, cfg, ckpt_path, n, hooks=None):
+    """target(cfg, ckpt_path, hooks) (train.run or train.evaluate_checkpoint) in n single-thread processes
+    (ranks 0..n-1) on this machine, and wait for them. If one fails, the others are stopped and its error is
+    raised here, to be reported once. hooks: train.Hooks, handed to every process (pickled where they are
+    spawned rather than forked)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:                           # a free port for the processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork where it is safe (Linux, CPU only: nothing in this process has run a tensor op or touched a
+    # GPU yet) saves every child the 3-4 s of importing torch again; spawn elsewhere.
+    fork = sys.platform == "linux" and not torch.cuda.is_initialized()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    # Forked children share the parent's memory: render the synthetic scenes once, here, with every
+    # core, instead of once in every child (n times the work). Spawned children build their own.
+    data = build_all_data(cfg, render_procs=n, hooks=hooks) if fork and cfg["dataset"] == "synthetic" else None
+    errors = ctx.SimpleQueue()
+    threads = max(1, (os.cpu_count() or 1) // n)
+    children = [ctx.Process(target=_local_proc, args=(target, cfg, ckpt_path, hooks, rank, n, port, threads, errors, data))
+                for rank in range(n)]
+    for child in children:
+        child.start()
+    try:
+        while any(c.is_alive() for c in children) and all(c.exitcode in (None, 0) for c in children):
+            time.sleep(0.1)
+    except KeyboardInterrupt:                            # Ctrl-C reaches the children too; let them stop
+        for c in children:
+            c.join()
+        raise
+    for c in children:                                   # one failed: the others would wait for it forever
+        if c.exitcode is None:
+            c.terminate()
+        c.join()
+    if not errors.empty():
+        kind, message = errors.get()
+        raise (UsageError if kind == "usage" else RunStopped)(message)
+    failed = [c.exitcode for c in children if c.exitcode]
+    if failed:
+        raise RunStopped(f"a training process stopped with exit code {failed[0]} (see its output above)")
+
+
+_OWN = {}     # set in each of our own processes by _local_proc, read by setup_processes
+
+
+def _local_proc(target, cfg, ckpt_path, hooks, rank, world, port, threads, errors, data):
+    """One of spawn_local_procs' processes: joins the group through the environment, like torchrun's."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def orphan_watch():                                  # the parent was killed: stop too, write nothing more
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=orphan_watch, daemon=True).start()
+    _OWN["data"] = data
+    try:
+        target(cfg, ckpt_path, hooks)
+    except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError) as error:
+        run_error = isinstance(error, FloatingPointError)
+        errors.put(("run" if run_error else "usage", str(error)))
+        sys.exit(1 if run_error else 2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def setup_processes(cfg):
+    """This process's rank, the world and its device; its inputs checked (before any collective: see
+    prepare_inputs); joins the process group when there are several."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
+    if not _OWN:                                         # our own processes: their parent checked before starting them
+        prepare_inputs(cfg)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True     # TF32 matmuls: ~8x faster on Ampere+, ample precision
+        torch.backends.cudnn.allow_tf32 = True           # the same for convolutions
+        torch.backends.cudnn.benchmark = True            # fixed crop sizes: let cuDNN pick the fastest kernels
+    return Processes(rank, world, device, own=bool(_OWN), data=_OWN.get("data"))
+
+
+def resolve_amp(amp, device, capability=None):
+    """--amp made concrete: "none", "bf16" or "fp16". auto: bf16 on GPUs with native bf16 (compute
+    capability >= 8: Ampere and later; no scaler needed), fp16 with a scaler on older ones (V100, T4,
+    RTX 20xx), none elsewhere. capability: the GPU's (major, minor), asked of `device` when None.
+    torch.cuda.is_bf16_supported() would say yes on the older GPUs too: by default it counts emulation,
+    which runs bf16 without tensor cores."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "none"
+    major, _ = capability or torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# --- inputs: data and pretrained weights, checked before anything big starts; the Δm baselines ----
 
 class WeightsUnavailable(RuntimeError):
     """The ImageNet weights of a torchvision backbone are not on disk and could not be fetched."""
@@ -279,94 +313,6 @@ def check_inputs(cfg):
         raise UsageError("\n\n".join(problems))
 
 
-# --- our own CPU processes ------------------------------------------------------------------------
-
-def spawn_local_procs(target, cfg, ckpt_path, n):
-    """target(cfg, ckpt_path) (train.run or train.evaluate_checkpoint) in n single-thread processes (ranks
-    0..n-1) on this machine, and wait for them. If one fails, the others are stopped and its error is raised
-    here, to be reported once."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:                           # a free port for the processes to meet on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # fork where it is safe (Linux, CPU only: nothing in this process has run a tensor op or touched a
-    # GPU yet) saves every child the 3-4 s of importing torch again; spawn elsewhere.
-    fork = sys.platform == "linux" and not torch.cuda.is_initialized()
-    ctx = mp.get_context("fork" if fork else "spawn")
-    # Forked children share the parent's memory: render the synthetic scenes once, here, with every
-    # core, instead of once in every child (n times the work). Spawned children build their own.
-    data = build_all_data(cfg, render_procs=n) if fork and cfg["dataset"] == "synthetic" else None
-    errors = ctx.SimpleQueue()
-    threads = max(1, (os.cpu_count() or 1) // n)
-    children = [ctx.Process(target=_local_proc, args=(target, cfg, ckpt_path, rank, n, port, threads, errors, data))
-                for rank in range(n)]
-    for child in children:
-        child.start()
-    try:
-        while any(c.is_alive() for c in children) and all(c.exitcode in (None, 0) for c in children):
-            time.sleep(0.1)
-    except KeyboardInterrupt:                            # Ctrl-C reaches the children too; let them stop
-        for c in children:
-            c.join()
-        raise
-    for c in children:                                   # one failed: the others would wait for it forever
-        if c.exitcode is None:
-            c.terminate()
-        c.join()
-    if not errors.empty():
-        kind, message = errors.get()
-        raise (UsageError if kind == "usage" else RunStopped)(message)
-    failed = [c.exitcode for c in children if c.exitcode]
-    if failed:
-        raise RunStopped(f"a training process stopped with exit code {failed[0]} (see its output above)")
-
-
-_OWN = {}     # set in each of our own processes by _local_proc, read by setup_processes
-
-
-def _local_proc(target, cfg, ckpt_path, rank, world, port, threads, errors, data):
-    """One of spawn_local_procs' processes: joins the group through the environment, like torchrun's."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
-    parent = os.getppid()
-
-    def orphan_watch():                                  # the parent was killed: stop too, write nothing more
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-    threading.Thread(target=orphan_watch, daemon=True).start()
-    _OWN["data"] = data
-    try:
-        target(cfg, ckpt_path)
-    except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError) as error:
-        run_error = isinstance(error, FloatingPointError)
-        errors.put(("run" if run_error else "usage", str(error)))
-        sys.exit(1 if run_error else 2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-# --- a run begins: its process group, its inputs, its baselines, its seed -------------------------
-
-def setup_processes(cfg):
-    """This process's rank, the world and its device; its inputs checked (before any collective: see
-    prepare_inputs); joins the process group when there are several."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
-    if not _OWN:                                         # our own processes: their parent checked before starting them
-        prepare_inputs(cfg)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True     # TF32 matmuls: ~8x faster on Ampere+, ample precision
-        torch.backends.cudnn.allow_tf32 = True           # the same for convolutions
-        torch.backends.cudnn.benchmark = True            # fixed crop sizes: let cuDNN pick the fastest kernels
-    return Processes(rank, world, device, own=bool(_OWN), data=_OWN.get("data"))
-
-
 def prepare_inputs(cfg):
     """check_inputs in every process, one process at a time per data root (a file lock in it): the first
     downloads while the others wait on the lock, not in a collective that would time out, and then find
@@ -409,112 +355,16 @@ def load_baselines(folder, cfg):
                 for k in runs[0] if isinstance(runs[0][k], (int, float))} for t, runs in found.items()}
 
 
-def resolve_amp(amp, device, capability=None):
-    """--amp made concrete: "none", "bf16" or "fp16". auto: bf16 on GPUs with native bf16 (compute
-    capability >= 8: Ampere and later; no scaler needed), fp16 with a scaler on older ones (V100, T4,
-    RTX 20xx), none elsewhere. capability: the GPU's (major, minor), asked of `device` when None.
-    torch.cuda.is_bf16_supported() would say yes on the older GPUs too: by default it counts emulation,
-    which runs bf16 without tensor cores."""
-    if amp != "auto":
-        return amp
-    if device.type != "cuda":
-        return "none"
-    major, _ = capability or torch.cuda.get_device_capability(device)
-    return "bf16" if major >= 8 else "fp16"
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-# --- --resume: the state of the loop from a checkpoint --------------------------------------------
-
-def restore_state(ckpt, path, model, optimizer, scheduler, scaler, procs, seed):
-    """--resume: a checkpoint's weights and everything else the loop needs to continue exactly, on any
-    device and in any precision. Returns (start iteration, best score of the evaluations before it); a new
-    run (ckpt None) starts at 0. Either way each process ends with its own RNG state (seed_ranks)."""
-    if ckpt is None:
-        seed_ranks(seed, procs)
-        return 0, -math.inf
-    load_weights(model, ckpt, path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    match_layouts(optimizer)
-    scheduler.load_state_dict(ckpt["scheduler"])
-    load_scaler(scaler, ckpt["scaler"], procs)
-    seed_ranks(seed, procs, ckpt["rng"])
-    # The schedule of this run's --max-iters: the scheduler's lambdas are this run's (a state_dict holds none).
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(ckpt["iteration"])
-    return ckpt["iteration"], ckpt["best_score"]
-
-
-def load_weights(model, ckpt, path):
-    """The checkpoint's weights into `model`, or a UsageError saying why they do not fit."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as error:
-        old = any(k.endswith(("W_qr.weight", "W_q.weight")) or k.startswith("etf_features.") for k in ckpt["model"])
-        reason = ("it was written before KEM and cross-attention held their projections as the paper's D x D "
-                  "matrices, which this code cannot load; train the run again" if old else
-                  str(error).split("\n\t")[0] + " (" + "; ".join(str(error).split("\n\t")[1:3])[:300] + ")")
-        raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
-
-
-def match_layouts(optimizer):
-    """Optimizer state in each parameter's memory layout. load_state_dict moves the state to the
-    parameter's device and dtype but keeps the saved layout (checked), and CUDA's fused Adam needs state,
-    gradient and parameter in one layout: a CPU checkpoint holds NCHW state, a --channels-last run has
-    channels-last parameters (and the other way round)."""
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            if key != "step" and torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                state[key] = torch.empty_like(p).copy_(value)         # p's device, dtype and strides
-
-
-def load_scaler(scaler, saved, procs):
-    """The checkpoint's fp16 loss scale, if it fits this run's precision; else the scaler starts fresh.
-    (A bf16 or fp32 run saves an empty state, which an fp16 scaler refuses.)"""
-    if bool(saved) == scaler.is_enabled():
-        scaler.load_state_dict(saved)
-    elif procs.master:
-        print("note: the checkpoint's gradient scaler does not fit this run's --amp (fp16 and bf16/none "
-              "differ); the loss scale starts fresh", flush=True)
-
-
-def seed_ranks(seed, procs, saved=None):
-    """Each process's own RNG for dropout and stochastic depth (drawn in training only; the initial weights
-    come from `seed` on every process, the data stream from StreamSampler and SeededSamples). A new run:
-    process 0 keeps the sequence `seed` started, process r > 0 restarts from seed + r. A resumed run: each
-    process its saved states (rng_states); checkpoints from before per-process states hold one dict."""
-    saved = [saved] if isinstance(saved, dict) else saved or []
-    if procs.rank < len(saved):
-        set_rng_states(saved[procs.rank])
-    elif procs.rank > 0:
-        torch.manual_seed(seed + procs.rank)             # CPU and every GPU
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():          # the GPUs that exist here, of those saved
-        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, index)
-
-
 # --- data: a resumable, sharded stream ------------------------------------------------------------
 
-def make_loaders(cfg, procs, batch_size, start_iter):
+def make_loaders(cfg, procs, batch_size, start_iter, hooks=None):
     """(val loader: this process's share of the val split; train batches: an endless iterator, or None
     for --eval-only, and the sizes of both splits). The train stream starts where iteration start_iter
     left it. The datasets are the parent's (procs.data) when our own parent built them. Each loader has its
     own generator (for its workers' base seed, which every sample's SeededSamples seed overrides) and so
     draws nothing from the global RNG that dropout uses: a checkpoint's RNG state is that of the next step."""
     workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
-    data = procs.data or build_all_data(cfg)
+    data = procs.data or build_all_data(cfg, hooks=hooks)
     val_set = data["val"]
     val_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(val_set, range(procs.rank, len(val_set), procs.world)), batch_size=batch_size,
@@ -539,21 +389,25 @@ def loader_workers(cfg, procs):
     return 0 if procs.device.type == "cpu" else min(4, max(0, (os.cpu_count() or 1) // procs.world - 1))
 
 
-def build_all_data(cfg, render_procs=1):
-    """{split: dataset} for every split the run reads (val, and train unless --eval-only)."""
+def build_all_data(cfg, render_procs=1, hooks=None):
+    """{split: dataset} for every split the run reads (val, and train unless --eval-only); where a study
+    gives hooks.dataset (train.Hooks), that hook makes each split, with build_data at hand."""
     splits = ["val"] if cfg["eval_only"] else ["val", "train"]
-    return {split: build_data(cfg, split, render_procs) for split in splits}
+    hook = hooks.dataset if hooks is not None else None
+    if hook is None:
+        return {split: build_data(cfg, split, render_procs) for split in splits}
+    return {split: hook(split, cfg, functools.partial(build_data, cfg, split, render_procs)) for split in splits}
 
 
-def build_data(cfg, split, render_procs=1):
+def build_data(cfg, split, render_procs=1, **options):
     """The dataset of `split` (train transforms for "train"); SyntheticRooms renders every scene once
-    and keeps it (~0.25 MB each)."""
+    and keeps it (~0.25 MB each). options: more of datasets.build_dataset's (a study's edit_scene)."""
     train = split == "train"
     num = cfg["train_samples"] if train else cfg["val_samples"]
     return datasets.build_dataset(cfg["dataset"], split, root=cfg["data_dir"], train=train, tasks=cfg["tasks"],
                                   seed=cfg["data_seed"], download=False, num_samples=num,
                                   size=tuple(cfg["train_size"] if train else cfg["eval_size"]),
-                                  cache=cfg["dataset"] == "synthetic", render_procs=render_procs)
+                                  cache=cfg["dataset"] == "synthetic", render_procs=render_procs, **options)
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -609,7 +463,188 @@ def collate(samples):
     return batch
 
 
-# --- files: records, log lines, pictures, checkpoints ---------------------------------------------
+# --- checkpoints ---------------------------------------------------------------------------------
+# The settings of --resume and --eval-only; the state saved, then restored; the RNG states out and in.
+
+# Settings that may change when a run is resumed; every other one must match the checkpoint.
+# amp and channels_last among them: a run may continue on another device, in the precision and layout that fit it.
+RESUMABLE = {"out_dir", "resume", "device", "workers", "log_interval", "eval_interval", "data_dir", "download",
+             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last"}
+
+# Settings that define the network: taken from the checkpoint by --eval-only.
+MODEL_KEYS = ("dataset", "tasks", "backbone", "exchange", "etf", "dim", "num_slots", "topk", "topk_mode",
+              "freeze_backbone")
+
+
+def restore_config(cfg, given, defaults):
+    """--resume and --eval-only take the run's settings from their checkpoint. Returns (cfg, checkpoint
+    path or None); a new run gets its out_dir here, once, so that every process writes to the same one.
+    defaults: every setting's default, for settings added since a checkpoint was written."""
+    if cfg["resume"]:
+        ckpt, path = load_checkpoint(cfg["resume"])
+        # The run's own settings come back from the checkpoint; flags may change only RESUMABLE ones.
+        differ = config_differences(ckpt["config"], cfg, [k for k in given if k not in RESUMABLE], defaults)
+        if differ:
+            raise UsageError(f"--resume {cfg['resume']} was trained with other settings: " + "; ".join(differ)
+                             + ". Drop those flags to continue the run, or start a new run with a new --out-dir")
+        # (and settings added since the checkpoint was written: their defaults).
+        cfg = {**defaults, **ckpt["config"], **{k: cfg[k] for k in given if k in RESUMABLE}}
+        cfg["out_dir"] = os.path.dirname(os.path.abspath(path))
+        return cfg, path
+    if cfg["eval_only"]:
+        ckpt, path = load_checkpoint(cfg["ckpt"])
+        differ = config_differences(ckpt["config"], cfg, [k for k in MODEL_KEYS if k in given], defaults)
+        if differ:
+            raise UsageError(f"--ckpt {cfg['ckpt']} holds a different network than the flags ask for: "
+                             + "; ".join(differ) + ". Drop those flags: --eval-only takes them from the checkpoint")
+        saved = {**defaults, **ckpt["config"]}         # settings added since the checkpoint: their defaults
+        cfg.update({k: saved[k] for k in (*MODEL_KEYS, "eval_size", "edge_max_dist", "val_samples", "seed",
+                                           "data_seed")})
+        if "batch_size" not in given:                   # batched as in training: the same numbers, to the bit
+            cfg["batch_size"] = ckpt["config"]["batch_size"]
+        cfg["pretrained"] = False                       # the checkpoint holds every weight
+        cfg["out_dir"] = cfg["out_dir"] or os.path.dirname(os.path.abspath(path))
+        return cfg, path
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    cfg["out_dir"] = cfg["out_dir"] or os.path.join("runs", f"{cfg['dataset']}-{cfg['exchange']}-{stamp}")
+    if os.path.exists(os.path.join(cfg["out_dir"], "config.json")):
+        raise UsageError(f"--out-dir {cfg['out_dir']} already holds a run; continue it with --resume "
+                         f"{cfg['out_dir']}, or choose another --out-dir")
+    return cfg, None
+
+
+def config_differences(saved, cfg, keys, defaults):
+    saved = {**defaults, **saved}          # settings added since the checkpoint was written: their defaults
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs):
+    """What --resume needs to continue after iteration `done`: called by every process (each adds its RNG
+    states), returned on process 0 (None elsewhere). best_score: the best of the evaluations before `done`
+    (the checkpoint is written before its own)."""
+    rng = rng_states(procs)
+    if not procs.master:
+        return None
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg}
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-save leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """(checkpoint dict, its path) or a UsageError that says what is wrong with the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}; give a run directory holding ckpt.pt, or a .pt file")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"              # torch.save writes a zip archive
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if zipped else None
+    except Exception:                                    # truncated, or a zip of something else
+        ckpt = None
+    if not isinstance(ckpt, dict) or not {"model", "config", "iteration"} <= ckpt.keys():
+        what = "is damaged or incomplete (an interrupted copy?)" if zipped else "is not a checkpoint"
+        raise UsageError(f"cannot read checkpoint {path}: the file {what}. train.py writes runs/<run>/ckpt.pt "
+                         f"and best.pt; use one of those")
+    return ckpt, path
+
+
+def restore_state(ckpt, path, model, optimizer, scheduler, scaler, procs, seed):
+    """--resume: a checkpoint's weights and everything else the loop needs to continue exactly, on any
+    device and in any precision. Returns (start iteration, best score of the evaluations before it); a new
+    run (ckpt None) starts at 0. Either way each process ends with its own RNG state (seed_ranks)."""
+    if ckpt is None:
+        seed_ranks(seed, procs)
+        return 0, -math.inf
+    load_weights(model, ckpt, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    match_layouts(optimizer)
+    scheduler.load_state_dict(ckpt["scheduler"])
+    load_scaler(scaler, ckpt["scaler"], procs)
+    seed_ranks(seed, procs, ckpt["rng"])
+    # The schedule of this run's --max-iters: the scheduler's lambdas are this run's (a state_dict holds none).
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(ckpt["iteration"])
+    return ckpt["iteration"], ckpt["best_score"]
+
+
+def load_weights(model, ckpt, path):
+    """The checkpoint's weights into `model`, or a UsageError saying why they do not fit."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        old = any(k.endswith(("W_qr.weight", "W_q.weight")) or k.startswith("etf_features.") for k in ckpt["model"])
+        reason = ("it was written before KEM and cross-attention held their projections as the paper's D x D "
+                  "matrices, which this code cannot load; train the run again" if old else
+                  str(error).split("\n\t")[0] + " (" + "; ".join(str(error).split("\n\t")[1:3])[:300] + ")")
+        raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
+
+
+def match_layouts(optimizer):
+    """Optimizer state in each parameter's memory layout. load_state_dict moves the state to the
+    parameter's device and dtype but keeps the saved layout (checked), and CUDA's fused Adam needs state,
+    gradient and parameter in one layout: a CPU checkpoint holds NCHW state, a --channels-last run has
+    channels-last parameters (and the other way round)."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if key != "step" and torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(value)         # p's device, dtype and strides
+
+
+def load_scaler(scaler, saved, procs):
+    """The checkpoint's fp16 loss scale, if it fits this run's precision; else the scaler starts fresh.
+    (A bf16 or fp32 run saves an empty state, which an fp16 scaler refuses.)"""
+    if bool(saved) == scaler.is_enabled():
+        scaler.load_state_dict(saved)
+    elif procs.master:
+        print("note: the checkpoint's gradient scaler does not fit this run's --amp (fp16 and bf16/none "
+              "differ); the loss scale starts fresh", flush=True)
+
+
+def rng_states(procs):
+    """Every generator's state in every process (a list in rank order on process 0, None elsewhere), as
+    tensors and plain Python values (so torch.load(weights_only=True) reads it)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    if not procs.distributed:
+        return [states]
+    gathered = [None] * procs.world if procs.master else None
+    dist.gather_object(states, gathered, dst=0)
+    return gathered
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():          # the GPUs that exist here, of those saved
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def seed_ranks(seed, procs, saved=None):
+    """Each process's own RNG for dropout and stochastic depth (drawn in training only; the initial weights
+    come from `seed` on every process, the data stream from StreamSampler and SeededSamples). A new run:
+    process 0 keeps the sequence `seed` started, process r > 0 restarts from seed + r. A resumed run: each
+    process its saved states (rng_states); checkpoints from before per-process states hold one dict."""
+    saved = [saved] if isinstance(saved, dict) else saved or []
+    if procs.rank < len(saved):
+        set_rng_states(saved[procs.rank])
+    elif procs.rank > 0:
+        torch.manual_seed(seed + procs.rank)             # CPU and every GPU
+
+
+# --- records and log lines ------------------------------------------------------------------------
 
 def start_outputs(cfg, procs, start_iter, extra):
     """config.json once; on resume, forget the log lines written after the checkpoint. Every process
@@ -671,6 +706,8 @@ def summary(results, delta_m=None):
     return " | ".join(parts)
 
 
+# --- pictures: the evaluation picture, and the draw column of train.TASKS -------------------------
+
 def save_picture(path, batch, predictions, cfg, draw, rows=4):
     """Image | (ground truth, prediction) per task for the first few val images, under a header.
     draw: {task: its draw function (one prediction or target as numpy, channels, truth) -> uint8 RGB}."""
@@ -731,36 +768,3 @@ def draw_grey(x, channels, truth):
     """(1, H, W) in [0, 1] (255 = ignored, black) -> grey RGB."""
     grey = (np.clip(np.where(x[0] == 255, 0, x[0]), 0, 1) * 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, -1)
-
-
-def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs):
-    """What --resume needs to continue after iteration `done`: called by every process (each adds its RNG
-    states), returned on process 0 (None elsewhere). best_score: the best of the evaluations before `done`
-    (the checkpoint is written before its own)."""
-    rng = rng_states(procs)
-    if not procs.master:
-        return None
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg}
-
-
-def rng_states(procs):
-    """Every generator's state in every process (a list in rank order on process 0, None elsewhere), as
-    tensors and plain Python values (so torch.load(weights_only=True) reads it)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    if not procs.distributed:
-        return [states]
-    gathered = [None] * procs.world if procs.master else None
-    dist.gather_object(states, gathered, dst=0)
-    return gathered
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash mid-save leaves the previous file intact."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)

@@ -24,8 +24,8 @@ Letters: B batch, N real tokens (all tasks), M distractor tokens, D width.
 
 Notes:
 - Distractors are appended by forward hooks on the exchange module (`Distractors`), in train.py
-  processes started through the hidden command `experiments.py _distract`, which patches
-  train.MultiTaskNet. "none" trained with distractors is the hooks' control: nothing can reach the
+  processes started through the hidden command `experiments.py _distract`, whose model hook
+  (train.Hooks) attaches them to the built network. "none" trained with distractors is the hooks' control: nothing can reach the
   tokens, so it must match its clean run (up to thread nondeterminism).
 - The probes run in this process, once per model and kind (cached), after the run is recorded.
 """
@@ -139,13 +139,18 @@ def train_with_distractors(argv):
     p.add_argument("--ratio", type=float, required=True, help="distractor tokens per real token")
     args = p.parse_args(own)
 
-    class Distracted(train.MultiTaskNet):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            Distractors(self.exchange, args.ratio, args.kind)     # lives on in the hooks
+    return train.cli(rest, train.Hooks(model=WithDistractors(args.ratio, args.kind)))
 
-    train.MultiTaskNet = Distracted               # train.build_model looks the class up at call time
-    return train.cli(rest)
+
+@dataclasses.dataclass
+class WithDistractors:
+    """train.Hooks.model: Distractors on the built network's exchange (they live on in its hooks)."""
+    ratio: float
+    kind: str
+
+    def __call__(self, model, cfg):
+        Distractors(model.exchange, self.ratio, self.kind)
+        return model
 
 
 # --- the probe: can a linear model tell distractors from real tokens? -----------------------------

@@ -19,8 +19,8 @@ How it is tested here [ours]:
   6.53% -> 0.61% of the pixels (x 0.098 together), box 12.7% -> 26.3% (each record holds the shares).
 - Rows (`ROWS`): the ablation's kem, kem+etf features, kem+etf slots, kem+etf both, with the same
   train.py flags and seeds as the ablation's runs; only the training split differs. The runs go
-  through the hidden command `experiments.py _imbalance`, which patches synthetic.SyntheticRooms in its
-  own train.py process (as `_distract` patches train.MultiTaskNet); train.py is not changed.
+  through the hidden command `experiments.py _imbalance`: train.py with a dataset hook (train.Hooks)
+  that builds the train split with the rule as SyntheticRooms' edit_scene.
 - Measures: tail-class IoU (mean IoU over the rare classes, from semseg's iou_per_class) and Δm against
   the ablation's single-task means (trained on the default split: one reference for both splits).
 - The selection's stability (`SelectionTracker`): at every evaluation (every 250 steps) the training
@@ -59,7 +59,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import datasets
 import metrics
 import synthetic
 import train
@@ -134,15 +133,13 @@ def box_in_footprint(obj, rng):
             "yaw": math.pi * u[2], "mat": synthetic._material(rng, synthetic.BOX)}
 
 
-class ImbalancedTrainRooms(synthetic.SyntheticRooms):
-    """SyntheticRooms whose "train" split follows `rule` (set by the hidden command); "val" is untouched.
-    Patched over synthetic.SyntheticRooms in an `_imbalance` process, so datasets.build_dataset builds it."""
-    rule = None
+@dataclasses.dataclass
+class ImbalancedTrain:
+    """train.Hooks.dataset: the "train" split's scenes edited by `rule`; "val" is untouched."""
+    rule: object
 
-    def __init__(self, split, *args, **kwargs):
-        if split == "train" and self.rule is not None:
-            kwargs["edit_scene"] = self.rule
-        super().__init__(split, *args, **kwargs)
+    def __call__(self, split, cfg, build):
+        return build(edit_scene=self.rule) if split == "train" else build()
 
 
 def class_shares(split, num_samples, size, seed, edit_scene=None):
@@ -205,6 +202,11 @@ class SelectionTracker:
 
     def __init__(self, num_images=STABILITY_IMAGES):
         self.num_images, self.images = num_images, None
+
+    def __call__(self, model, cfg, procs, it, record):
+        """train.Hooks.evaluated: measure after every evaluation, in the first process."""
+        if procs.master:
+            self.measure(model, cfg, it)
 
     def measure(self, model, cfg, it):
         if self.images is None:                                        # the default val split's first images
@@ -269,22 +271,7 @@ def train_imbalanced(argv):
     imbalanced training split, the slots' top-k sets saved at every evaluation. Returns train.py's exit code."""
     own, rest = runner.split_extra(argv)
     rule, images = parse_rule(own)
-    ImbalancedTrainRooms.rule = rule
-    synthetic.SyntheticRooms = ImbalancedTrainRooms          # datasets.build_dataset looks it up at call time
-    probe = datasets.build_dataset("synthetic", "train", num_samples=1, size=(8, 8), download=False)
-    if not isinstance(probe, ImbalancedTrainRooms) or probe.edit_scene != rule:
-        raise RuntimeError("the imbalanced split did not reach datasets.build_dataset (does it still import "
-                           "SyntheticRooms from synthetic at call time?)")
-    tracker, evaluate_and_record = SelectionTracker(images), train.evaluate_and_record
-
-    def evaluate_and_track(model, loader, cfg, procs, autocast, it, *args, **kwargs):
-        record = evaluate_and_record(model, loader, cfg, procs, autocast, it, *args, **kwargs)
-        if procs.master:
-            tracker.measure(model, cfg, it)
-        return record
-
-    train.evaluate_and_record = evaluate_and_track           # train.run looks it up at call time
-    return train.cli(rest)
+    return train.cli(rest, train.Hooks(dataset=ImbalancedTrain(rule), evaluated=SelectionTracker(images)))
 
 
 # --- the experiment: options and plan -------------------------------------------------------------

@@ -42,8 +42,8 @@ Notes:
 - Under Adam(W) the size of a parameter's update does not follow the size of its gradient (each
   coordinate is divided by its own running RMS), so a small gradient is not a small step; the
   displacement from the first step is recorded for that reason.
-- The hooks live in one process: `_gradients` runs are meant for --procs 1, as the runner starts
-  them (with our own CPU processes, only the parent would be patched).
+- The log is written by the first process only: `_gradients` runs are meant for --procs 1, as the
+  runner starts them (with several processes the norms would be one process's share).
 - --max-iters and the other common options apply to the new pairs only; the other rows are records.
 """
 import argparse
@@ -126,15 +126,17 @@ def train_with_gradient_log(argv):
     p = argparse.ArgumentParser(prog="experiments.py _gradients")
     p.add_argument("--every", type=int, default=GRADIENT_EVERY, help="log the gradient norms every this many steps")
     args = p.parse_args(own)
-    build = train.build_optimizer
+    return train.cli(rest, train.Hooks(optimizer=WatchGradients(args.every)))
 
-    def build_and_watch(model, cfg):
-        optimizer, scheduler = build(model, cfg)
-        GradientLog(model, model.exchange, optimizer, scheduler, Path(cfg["out_dir"]) / GRADIENT_LOG, args.every)
-        return optimizer, scheduler
 
-    train.build_optimizer = build_and_watch           # train.run looks it up at call time
-    return train.cli(rest)
+class WatchGradients:
+    """train.Hooks.optimizer: a GradientLog on KEM, written into the run's folder."""
+
+    def __init__(self, every):
+        self.every = every
+
+    def __call__(self, model, optimizer, scheduler, cfg):
+        GradientLog(model, model.exchange, optimizer, scheduler, Path(cfg["out_dir"]) / GRADIENT_LOG, self.every)
 
 
 def read_gradient_log(path):

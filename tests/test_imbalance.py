@@ -7,8 +7,8 @@ Pinned down:
   pixel; a replacement box stands inside its object's footprint and nothing else in the scene moves;
 - validity: synthetic's own label tests (edges, saliency, parts, normals against depth) hold on
   imbalanced scenes, run through test_synthetic's test bodies;
-- the patch of the `_imbalance` process: datasets.build_dataset then gives an imbalanced train split and
-  a val split byte-identical to the default one;
+- the dataset hook of the `_imbalance` process gives an imbalanced train split and a val split
+  byte-identical to the default one;
 - stability: the set Jaccard against Python sets; following the selection does not change training
   (a tiny run through `_imbalance --keep 1` has exactly the losses and metrics of plain train.py);
 - the plan uses the ablation's flags, so the report pairs each run with the ablation's run of the
@@ -29,6 +29,8 @@ import datasets
 import metrics
 import synthetic
 import test_synthetic
+import train
+import train_support
 from studies import ablation, imbalance, runner
 from synthetic import SyntheticRooms
 
@@ -132,12 +134,11 @@ def test_synthetics_label_invariants_hold_on_imbalanced_scenes(monkeypatch, inde
         assert (a["parts"] == synthetic.IGNORE).all()
 
 
-def test_the_patched_build_dataset_gives_an_imbalanced_train_split_and_the_default_val(monkeypatch):
+def test_the_dataset_hook_gives_an_imbalanced_train_split_and_the_default_val():
     rule = imbalance.RareClasses(keep=0.0)
-    monkeypatch.setattr(imbalance.ImbalancedTrainRooms, "rule", rule)
-    plain = {s: datasets.build_dataset("synthetic", s, num_samples=6, size=(24, 32), download=False) for s in ("train", "val")}
-    monkeypatch.setattr(synthetic, "SyntheticRooms", imbalance.ImbalancedTrainRooms)
-    patched = {s: datasets.build_dataset("synthetic", s, num_samples=6, size=(24, 32), download=False) for s in ("train", "val")}
+    cfg = train.resolve_config(*train.parse_args(["--train-samples", "6", "--val-samples", "6", "--image-size", "24x32"]))
+    plain = train_support.build_all_data(cfg)
+    patched = train_support.build_all_data(cfg, hooks=train.Hooks(dataset=imbalance.ImbalancedTrain(rule)))
     assert patched["train"].edit_scene == rule and patched["val"].edit_scene is None
     for i in range(6):
         a, b = plain["val"][i], patched["val"][i]
