@@ -515,9 +515,9 @@ class MultiTaskNet(nn.Module):
     a single task is the single-task baseline. exchange: "kem" | "cross" | "none". etf: "none" |
     "features" (tokens into ETF space before the exchange) | "slots" (KEM's slots are a fixed ETF) |
     "both" | "normalize" (tokens L2-normalised only: the control for "features"); "slots" and "both"
-    need exchange="kem"; every mode but "none" needs etf.py. topk, num_slots, topk_mode: KEM's. freeze_backbone: the backbone is not
-    trained (one reading of the paper's "fixed" encoder [ours]; off by default). check_options
-    checks all of these without building anything.
+    need exchange="kem"; every mode but "none" needs etf.py. topk, num_slots, topk_mode: KEM's.
+    freeze_backbone: the backbone is not trained (one reading of the paper's "fixed" encoder [ours];
+    off by default). check_options checks all of these without building anything.
     forward(images (B, 3, H, W)) -> {task: (B, C_t, H, W)} of raw outputs: logits for classes, edges
     and saliency, metres for depth, unnormalised normals.
     """

@@ -55,7 +55,7 @@ How exact edges are computed, fast enough for 654 NYUD images × 99 thresholds:
    issue #26147): 0.01 to 3.4 s per threshold on our 480×640 test maps. The tests compare ours with
    brute force and with scipy's maximum_flow.
 3. EdgeMeter(processes=N) scores images in N worker processes; the counts are identical.
-Measured with `python bench.py edges` on this project's 2-core machine (otherwise idle): 0.42 s per
+Measured with `python -m research.bench edges` on this project's 2-core machine (otherwise idle): 0.42 s per
 480×640 image with 2 processes on network-like synthetic maps, i.e. under 5 minutes for the 654 NYUD
 val images (0.81 s per image on one process). The time grows with the area the low thresholds keep:
 clean maps took 0.17 s, maps whose background sits at 0.05 to 0.12 took 0.67 to 0.88 s.

@@ -12,7 +12,8 @@ How to read this file, top to bottom: the presets (every default, per dataset); 
 that says per task how it is trained, scored and drawn; the configuration (flags over a preset);
 the model and its optimiser; one training step and the evaluation; then the program: `Hooks` (what
 an experiment may change in a run), `main()`, which configures a run, `start()` and `run()`, the
-story of a run, `evaluate_checkpoint()` for --eval-only, and `cli()`, which reports bad input. What a run needs around the loop (our own CPU processes,
+story of a run, `evaluate_checkpoint()` for --eval-only, and `cli()`, which reports bad input.
+What a run needs around the loop (our own CPU processes,
 the resumable data stream, checkpoint and record files, input checks, pictures) is in
 train_support.py, imported as `support`; its docstring says how a run stays reproducible.
 
@@ -109,7 +110,7 @@ def saliency_loss(logits, target):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    weight: float             # loss weight (REFERENCE §6; the same on NYUD and PASCAL)
+    weight: float             # loss weight (the field's; the same on NYUD and PASCAL)
     loss: Callable            # (raw output as float32, target) -> scalar
     predict: Callable         # raw output (B, C, H, W) -> what the meter and the picture take
     meter: Callable           # (channels, edge options) -> a fresh metrics meter
@@ -269,6 +270,16 @@ def build_model(cfg):
                         pretrained=cfg["pretrained"], exchange=cfg["exchange"], etf=cfg["etf"], dim=cfg["dim"],
                         num_slots=cfg["num_slots"], topk=cfg["topk"], topk_mode=cfg.get("topk_mode", "mask"),
                         freeze_backbone=cfg.get("freeze_backbone", False))
+
+
+def load_trained(ckpt_path):
+    """(network in eval mode, its run's config, the checkpoint's iteration) from a train.py checkpoint: the one
+    way a checkpoint is read outside the loop (the lab, the notebooks), with the loop's own checks and
+    messages. No pretrained weights are fetched: the checkpoint holds every weight."""
+    ckpt, path = support.load_checkpoint(ckpt_path)
+    model = build_model({**ckpt["config"], "pretrained": False})
+    support.load_weights(model, ckpt, path)
+    return model.eval(), ckpt["config"], ckpt["iteration"]
 
 
 def data_parallel(model, device):
@@ -454,7 +465,7 @@ def run(cfg, ckpt_path=None, hooks=None):
     ckpt = support.load_checkpoint(ckpt_path)[0] if ckpt_path else None
     start_iter, best_score = support.restore_state(ckpt, ckpt_path, model, optimizer, scheduler, scaler, procs,
                                                    cfg["seed"])     # and each process's own dropout RNG
-    raw_model = model                   # evaluated as it is: compiled, other sizes than training's fail to compile
+    raw_model = model                   # evaluation runs this uncompiled module: compiled, other image sizes fail
     if cfg["compile"]:
         model = torch.compile(model)
     if procs.distributed:

@@ -23,7 +23,7 @@ Reproducibility, in three pieces (the data stream and checkpoints live here, the
 Our own processes: on a CPU with several cores, `python train.py` splits each batch over `--procs`
 single-thread processes (DistributedDataParallel over gloo): small convolutions use one core well
 and two cores badly, so two one-thread processes train faster than one two-thread process
-(`python bench.py step --procs 1 2` measures it). Under torchrun the same code runs one process per
+(`python -m research.bench step --procs 1 2` measures it). Under torchrun the same code runs one process per
 GPU, each with a whole batch.
 """
 import argparse

@@ -87,15 +87,10 @@ def describe():
 # --- helpers more than one notebook needs -------------------------------------------------------
 
 def load_model(ckpt_path):
-    """(MultiTaskNet in eval mode, the run's config, the checkpoint's iteration) from a train.py
-    checkpoint, read, built and loaded by the training program's own functions (the same checks and messages)."""
+    """(MultiTaskNet in eval mode, the run's config, the checkpoint's iteration): train.load_trained."""
     import train
-    import train_support
 
-    ckpt = train_support.load_checkpoint(ckpt_path)[0]
-    model = train.build_model(ckpt["config"])
-    train_support.load_weights(model, ckpt, ckpt_path)
-    return model.eval(), ckpt["config"], ckpt["iteration"]
+    return train.load_trained(ckpt_path)
 
 
 def run_train(flags, log_path, *, show=4):

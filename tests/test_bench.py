@@ -1,4 +1,4 @@
-"""bench.py runs end to end on tiny sizes and reports what it says it reports.
+"""research/bench.py runs end to end on tiny sizes and reports what it says it reports.
 
 These tests check the harness (every benchmark runs, rows carry the requested sizes, the JSON and the
 plot are written, token counts come from the model, projections follow from the measured times, a
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import bench
+from research import bench
 
 
 @pytest.mark.filterwarnings("ignore:Data has no positive values")   # tiny sizes can measure 0 MB extra

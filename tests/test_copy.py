@@ -1,7 +1,7 @@
 """Copying etf.py and kem_mtl.py into someone else's project, as a new user would.
 
 Pinned down, each in a fresh Python process that sees the copied files and not this repository:
-the README's snippet (the first python block after the heading "Copying one module") runs as
+the README's snippet (the first python block after the heading "Copy a module") runs as
 written in a folder holding only etf.py and kem_mtl.py, and, with its import made relative as its
 comment says, as a module of a package `mypkg/` holding the two files; both files import both ways,
 and ETF slots and ETF features find etf.py in either layout (inside the package, the package's own
@@ -21,10 +21,10 @@ SNIPPET_IMPORT = "from kem_mtl import KEM"
 
 def readme_snippet():
     readme = (ROOT / "README.md").read_text()
-    heading = re.search(r"^#+ .*Copying one module.*$", readme, re.M)
-    assert heading, "the README has no section 'Copying one module'"
+    heading = re.search(r"^#+ .*Copy a module.*$", readme, re.M)
+    assert heading, "the README has no section 'Copy a module'"
     block = re.search(r"```python\n(.*?)```", readme[heading.end():], re.S)
-    assert block, "no python block after the heading 'Copying one module'"
+    assert block, "no python block after the heading 'Copy a module'"
     return block.group(1)
 
 

@@ -604,7 +604,8 @@ def test_a_manual_archive_is_extracted_without_downloading(tmp_path, nyud_archiv
 def test_checksum_or_size_mismatch_leaves_nothing_behind(tmp_path, nyud_archive, monkeypatch, record):
     monkeypatch.setitem(D.CHECKSUMS, "NYUD_MT.tgz", record)
     data = tmp_path / "data"
-    with pytest.raises(DatasetError, match=r"download of file://.*NYUD_MT\.tgz: (sha256 .* does not match|size \d+ bytes, expected 1)"):
+    mismatch = r"download of file://.*NYUD_MT\.tgz: (sha256 .* does not match|size \d+ bytes, expected 1)"
+    with pytest.raises(DatasetError, match=mismatch):
         D.prepare_dataset("nyud", data, url=nyud_archive[1])
     assert os.listdir(data) == []
 

@@ -1,4 +1,4 @@
-"""What a run on another device or with several processes relies on, checked on the CPU (issue 21).
+"""What a run on another device or with several processes relies on, checked on the CPU.
 
 Pinned down: --amp auto is decided by the GPU's compute capability (bf16 only where it is native,
 fp16 with a scaler on older GPUs, none on CPUs), with fake capabilities; --resume puts the optimiser

@@ -1,4 +1,4 @@
-"""experiments.py and studies/: the pieces the results stand on, on tiny sizes.
+"""research/ (`python -m research`): the pieces the results stand on, on tiny sizes.
 
 Pinned down: the paired t-interval against a hand-computed example (the families, Holm and the verdicts
 are in test_stats.py); the softmax-leak simulation (noiseless scores give the bound, k = N gives softmax);
@@ -9,6 +9,7 @@ linear probe's AUC; that a recorded run is never run again and that --commit com
 alone; and, end to end, a tiny ablation and tiny distractor, length and imbalance experiments producing
 records and tables.
 """
+import ast
 import json
 import math
 import subprocess
@@ -19,10 +20,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import experiments
+from research import __main__ as experiments
 import metrics
 from kem_mtl import KEM, CrossTaskAttention
-from studies import ablation, distractors, imbalance, leak, length, runner, stats
+from research import ablation, distractors, imbalance, leak, length, runner, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-samples", "8", "--val-samples", "4",
@@ -334,15 +335,65 @@ def test_a_tiny_imbalance_run_is_paired_with_the_ablations_run(tiny_ablation):
 
 
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments.py")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "python experiments.py ablation" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "research"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "python -m research ablation" in proc.stdout
     for name in ("primary", "ablation", "leak", "distractors", "length", "imbalance"):
         with pytest.raises(SystemExit) as exit_:
             experiments.main([name, "--help"])
-        assert exit_.value.code == 0 and f"experiments.py {name}" in capsys.readouterr().out
+        assert exit_.value.code == 0 and f"python -m research {name}" in capsys.readouterr().out
 
 
 def test_an_unknown_experiment_is_named_in_one_line_with_the_choices():
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments.py"), "noise"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "research", "noise"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
     assert "no experiment 'noise'" in proc.stderr and "ablation, leak, distractors, length" in proc.stderr
+
+
+# --- the lab changes training runs only through train.Hooks ------------------------------------------
+
+REFERENCE_MODULES = {"train", "train_support", "support", "synthetic", "datasets", "kem_mtl", "etf", "metrics"}
+
+
+def patched_names(source, filename):
+    """(line, text) of every assignment to, or setattr/monkeypatch on, an attribute of a reference module."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "setattr":
+            targets = [ast.Attribute(value=node.args[0], attr="?")] if node.args else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                    and target.value.id in REFERENCE_MODULES:
+                found.append((node.lineno, ast.unparse(target)))
+    return found
+
+
+def test_no_module_of_the_lab_replaces_a_name_of_the_reference():
+    sources = sorted((ROOT / "research").glob("*.py"))
+    assert len(sources) >= 8
+    for path in sources:
+        assert patched_names(path.read_text(), str(path)) == [], f"{path.name} patches the reference; use train.Hooks"
+    # the check itself finds what it must
+    assert patched_names("import train\ntrain.build_optimizer = f\nsetattr(synthetic, 'SyntheticRooms', C)\n", "x") \
+        == [(2, "train.build_optimizer"), (3, "synthetic.?")]
+
+
+def test_commit_says_so_first_and_refuses_uncommitted_records(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    results = repo / "results"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    run = runner.Run("ablation", "kem", 0, ["--seed", "0"])
+    path = run.record_path(results)
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "r"], check=True)
+    ctx = runner.Context(results=results, runs=tmp_path / "runs", jobs=1, commit=True)
+    runner.announce_commits([run], ctx, repo=repo)
+    assert "--commit: each new record is committed" in capsys.readouterr().out
+    path.write_text('{"changed": 1}')
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        runner.announce_commits([run], ctx, repo=repo)

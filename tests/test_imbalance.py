@@ -1,4 +1,4 @@
-"""studies/imbalance.py: the imbalanced training split, the selection's stability, the report.
+"""research/imbalance.py: the imbalanced training split, the selection's stability, the report.
 
 Pinned down:
 - the rule: rare objects are kept with probability `keep` (counted over many scenes, within four
@@ -18,20 +18,18 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import datasets
 import metrics
 import synthetic
 import test_synthetic
 import train
 import train_support
-from studies import ablation, imbalance, runner
+from research import ablation, imbalance, runner
 from synthetic import SyntheticRooms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,8 +180,8 @@ def test_following_the_selection_does_not_change_training(tmp_path):
     flags = ["--tasks", "semseg,depth", "--exchange", "kem", "--seed", "3", "--max-iters", "4", "--eval-interval", "2",
              "--log-interval", "1", "--procs", "1", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for name, script in (("plain", ["train.py"]), ("tracked", ["experiments.py", "_imbalance", "--keep", "1", "--"])):
-        proc = subprocess.run([sys.executable, *script, *flags, "--out-dir", str(tmp_path / name)], cwd=ROOT, env=env,
+    for name, script in (("plain", ["train.py"]), ("tracked", ["research", "_imbalance", "--keep", "1", "--"])):
+        proc = subprocess.run(runner.command(script) + [*flags, "--out-dir", str(tmp_path / name)], cwd=ROOT, env=env,
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -209,7 +207,7 @@ def test_the_plan_uses_the_ablations_flags(capsys):
     rows = ablation.row_flags(runner.SYNTHETIC_TASKS)
     for run in phase:
         assert run.flags == ablation.training_run(run.config, rows[run.config], run.seed, 1500, 250, []).flags
-        assert run.script[:2] == ["experiments.py", "_imbalance"] and run.script[-1] == "--"
+        assert run.script[:2] == ["research", "_imbalance"] and run.script[-1] == "--"
         assert run.record_path("r") == Path("r/runs/imbalance") / runner.slug(run.config) / f"seed{run.seed}.json"
     assert imbalance.parse_rule(run.script[2:-1]) == (imbalance.RareClasses(("ball", "cylinder"), 0.1), 32)
 

@@ -352,12 +352,12 @@ def test_multitasknet_fits_one_batch():
         out = net(images)
         return F.cross_entropy(out["semseg"], seg), F.l1_loss(out["depth"], depth)
 
-    first = [l.item() for l in losses()]
+    first = [loss.item() for loss in losses()]
     for _ in range(60):
         opt.zero_grad()
         sum(losses()).backward()
         opt.step()
-    last = [l.item() for l in losses()]
+    last = [loss.item() for loss in losses()]
     assert last[0] < 0.5 * first[0] and last[1] < 0.5 * first[1], (first, last)
 
 

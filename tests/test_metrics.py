@@ -595,9 +595,9 @@ def test_edge_padding_with_ignore_changes_nothing(seed, pad):
     rng = np.random.default_rng(seed)
     prob = ndimage.gaussian_filter(rng.random((14, 18)), 1.0) ** 0.5
     gt = (rng.random((14, 18)) < 0.15).astype(np.uint8)
-    (t, b, l, r) = pad
-    big_prob = np.pad(prob, ((t, b), (l, r)), constant_values=1.0)   # confident edges in the padding
-    big_gt = np.pad(gt, ((t, b), (l, r)), constant_values=255)
+    (top, bottom, left, right) = pad
+    big_prob = np.pad(prob, ((top, bottom), (left, right)), constant_values=1.0)   # confident edges in the padding
+    big_gt = np.pad(gt, ((top, bottom), (left, right)), constant_values=255)
     for exact in (True, False):
         a = edge_counts(prob, gt, 0.1, 19, exact=exact)
         c = edge_counts(big_prob, big_gt, 0.1, 19, exact=exact)

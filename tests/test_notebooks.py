@@ -137,7 +137,7 @@ def test_03_train():
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert losses and all(math.isfinite(v) for v in losses), losses
     assert any(r["kind"] == "eval" for r in records)
-    assert "ablation" in text and ("Δm" in text or "python experiments.py ablation" in text)
+    assert "ablation" in text and ("Δm" in text or "python -m research ablation" in text)
     assert pictures(nb) >= 3
 
 

@@ -1,4 +1,4 @@
-"""The primary comparison's plumbing (studies/primary.py) and train.py's --data-seed, on tiny sizes.
+"""The primary comparison's plumbing (research/primary.py) and train.py's --data-seed, on tiny sizes.
 
 Pinned down: --data-seed reaches the run's config, changes the scenes of both splits (and only through
 the flag: --seed does not), and a run cannot be resumed with another one; the gradient log records
@@ -18,7 +18,7 @@ import torch
 import metrics
 import train
 import train_support
-from studies import primary, runner
+from research import primary, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-samples", "8", "--val-samples", "4",
@@ -75,7 +75,7 @@ def test_the_gradient_log_records_and_changes_nothing(tmp_path):
     """6 steps, logged every 2 (and the first): steps 1, 2, 4, 6, each with every KEM matrix; the hooked run's
     losses and metrics equal the plain run's exactly."""
     plain = _run([str(ROOT / "train.py")], tmp_path / "plain")
-    hooked = _run([str(ROOT / "experiments.py"), "_gradients", "--every", "2", "--"], tmp_path / "hooked")
+    hooked = _run(["-m", "research", "_gradients", "--every", "2", "--"], tmp_path / "hooked")
     assert hooked == plain, "the hook changed the computation"
     points = primary.read_gradient_log(tmp_path / "hooked" / primary.GRADIENT_LOG)
     assert [p["iter"] for p in points] == [1, 2, 4, 6]
@@ -92,7 +92,7 @@ def test_a_tiny_primary_experiment_pairs_its_own_data_with_the_ablations(tmp_pat
     """kem and none with --seed 5 --data-seed 5 (2 steps), beside an ablation pair of seed 0: two members of the
     family "primary", the new one's data rule checked, the kem record carrying selection and gradients; a dry
     run after it has nothing left to run."""
-    from studies import ablation
+    from research import ablation
 
     results, runs = tmp_path / "results", tmp_path / "runs"
     common = ["--tasks", "depth,sal", "--max-iters", "2", "--eval-interval", "1", "--results", str(results),
@@ -104,7 +104,7 @@ def test_a_tiny_primary_experiment_pairs_its_own_data_with_the_ablations(tmp_pat
     for rec in recs.values():
         assert rec["train_config"]["data_seed"] == 5 and rec["train_config"]["seed"] == 5
     kem = recs["kem", 5]
-    assert kem["script"][:2] == ["experiments.py", "_gradients"] and kem["selection"]["k"] > 0
+    assert kem["script"][:2] == ["research", "_gradients"] and kem["selection"]["k"] > 0
     assert [p["iter"] for p in kem["gradients"]["points"]] == [1, 2]
     members = {m["data"]: m for m in out["family"]}
     assert set(members) == {"0", "= seed"} and all(m["family"] == "primary" for m in out["family"])

@@ -18,8 +18,9 @@ so a download attempt would fail instead of reaching the network.
 
 Measured on the project's 2-core CPU while other test suites shared it: 8 minutes for both presets
 (NYUD 4.7, PASCAL 3.2; load 6.5 to 8.4), PASCAL alone 1.7 minutes at load 3.3 to 5.5; about 5.5
-CPU-minutes in all, so about 3 minutes at best on an idle 2-core machine. Run it alone with `python tests/test_protocol.py` (this file through pytest; extra
-arguments go to pytest, e.g. `-k pascal`) or `python -m pytest tests/test_protocol.py`.
+CPU-minutes in all, so about 3 minutes at best on an idle 2-core machine. Run it alone with
+`python tests/test_protocol.py` (this file through pytest; extra arguments go to pytest, e.g. `-k pascal`)
+or `python -m pytest tests/test_protocol.py`.
 """
 import json
 import math

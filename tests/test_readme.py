@@ -1,13 +1,15 @@
-"""The README's promises: CI runs exactly the test command the README shows, every Python
-command it shows for this project parses its flags (the long runs themselves are not executed here),
-and every such command runs after the README's own install step: each third-party module its script
-can import (read statically with `ast`, following the project's modules, imports inside functions
-included) is provided by requirements.txt, and none of them is a development-only package. Scripts
-under tests/ are checked against requirements-dev.txt instead, the step the README shows before them."""
+"""The README's promises, and those of docs/RUNNING.md and research/README.md: CI runs exactly the test
+command the README shows; every train.py command shown parses its flags (the long runs themselves are not
+executed here); every lab command shown runs from the repository's root (experiments with --dry-run,
+benchmarks with --help); and every command runs after the README's own install step: each third-party
+module its script can import (read statically with `ast`, following the project's modules, imports
+inside functions included) is provided by requirements.txt, and none of them is a development-only
+package. Scripts under tests/ are checked against requirements-dev.txt instead."""
 import ast
 import functools
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import train
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/RUNNING.md", "research/README.md")}
+ALL_DOCS = "\n".join(DOCS.values())
 
 
 def test_ci_runs_the_readme_test_command():
@@ -26,7 +30,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def readme_train_commands():
-    for line in README.splitlines():
+    for line in ALL_DOCS.splitlines():
         line = line.strip()
         for prefix in ("python train.py", "torchrun"):
             if line.startswith(prefix) and "train.py" in line:
@@ -42,23 +46,36 @@ def test_readme_train_commands_parse(args):
     assert cfg["dataset"] in train.PRESETS
 
 
-def test_readme_names_only_existing_files():
-    named = re.findall(r"`([\w/]+\.(?:py|ipynb|txt))`", README)
-    linked = re.findall(r"\]\(([\w/.]+\.(?:png|md|json|ipynb))\)", README)     # pictures and links
-    assert linked, "the README links its results pictures"
-    for name in set(named + linked):
-        assert (ROOT / name).exists() or (ROOT / "notebooks" / name).exists(), name
+@pytest.mark.parametrize("doc", sorted(DOCS))
+def test_docs_name_and_link_only_existing_files(doc):
+    text, here = DOCS[doc], (ROOT / doc).parent
+    named = re.findall(r"`([\w/]+\.(?:py|ipynb|txt|md))`", text)
+    linked = [link.split("#")[0] for link in re.findall(r"\]\(([\w/.#-]+)\)", text) if "://" not in link]
+    for name in set(named):
+        assert (ROOT / name).exists() or (ROOT / "notebooks" / name).exists() or (here / name).exists(), name
+    for link in set(linked) - {""}:
+        assert (here / link).exists(), f"{doc} links {link}, which does not exist"
 
 
-def test_readme_bench_and_experiment_commands_exist():
-    import bench
-    import experiments
+def lab_commands():
+    """Every `python -m research ...` / `python -m research.bench ...` the documents show, as argv lists."""
+    found = re.findall(r"python -m (research(?:\.bench)?) (\w+)", ALL_DOCS)
+    return sorted(set(found))
 
-    shown = re.findall(r"python (bench|experiments)\.py (\w+)", README)
-    assert {"bench", "experiments"} <= {script for script, _ in shown}
-    for script, name in shown:
-        known = bench.BENCHES if script == "bench" else experiments.EXPERIMENTS
-        assert name in known, f"README shows `python {script}.py {name}`; {script}.py has {sorted(known)}"
+
+def test_the_documents_show_lab_commands():
+    modules = {module for module, _ in lab_commands()}
+    assert modules == {"research", "research.bench"}, modules
+
+
+@pytest.mark.parametrize("module, name", lab_commands(), ids=[" ".join(c) for c in lab_commands()])
+def test_lab_commands_run_from_the_root(module, name, tmp_path):
+    """An experiment shows its plan (--dry-run: nothing trains), a benchmark its help: the command exists and
+    starts, exactly as written, from the repository's root."""
+    extra = ["--dry-run", "--runs", str(tmp_path)] if module == "research" and name != "leak" else ["--help"]
+    proc = subprocess.run([sys.executable, "-m", module, name, *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-1500:] + proc.stderr[-1500:]
 
 
 # --- every README command runs after `pip install -r requirements.txt` ----------------------------
@@ -97,7 +114,7 @@ def _module_files(base, parts):
 def third_party_imports(script):
     """{top-level module: the file importing it} for every module `script` can import that is neither
     the standard library nor one of the project's files (which are followed, transitively: modules
-    beside the script or at the root, and the modules of the project's packages such as studies/)."""
+    beside the script or at the root, and the modules of the project's packages such as research/)."""
     found, seen, todo = {}, set(), [Path(script)]
     while todo:
         path = todo.pop()
@@ -128,10 +145,15 @@ def third_party_imports(script):
 
 
 def readme_commands():
-    """(command, script) for every `python <script>.py ...` and `torchrun ... <script>.py` in the README."""
-    text = README.replace("\\\n", " ")                               # join continued lines
-    commands = re.finditer(r"\b(?:python3?|torchrun)\s+(?:-\S+\s+)*([\w./-]+\.py)\b[^`\n#]*", text)
-    return sorted({(" ".join(m.group(0).split()), m.group(1)) for m in commands})
+    """(command, script) for every `python <script>.py ...`, `torchrun ... <script>.py` and `python -m
+    research[.bench] ...` in the documents; a module's script is the file `python -m` runs."""
+    text = ALL_DOCS.replace("\\\n", " ")                             # join continued lines
+    commands = re.finditer(r"\b(?:python3?|torchrun)\s+(?:--?[\w-]+(?:=\S+)?\s+)*([\w./-]+\.py)\b[^`\n#]*", text)
+    found = {(" ".join(m.group(0).split()), m.group(1)) for m in commands}
+    for m in re.finditer(r"python -m (research(?:\.bench)?)\b[^`\n#]*", text):
+        script = "research/bench.py" if m.group(1) == "research.bench" else "research/__main__.py"
+        found.add((" ".join(m.group(0).split()), script))
+    return sorted(found)
 
 
 def missing_requirements(command, script, requirements_file):
@@ -148,7 +170,7 @@ def missing_requirements(command, script, requirements_file):
 
 def test_the_readme_shows_the_commands_this_test_walks():
     shown = {script for _, script in readme_commands()}
-    assert {"train.py", "synthetic.py", "bench.py", "experiments.py"} <= shown, shown
+    assert {"train.py", "synthetic.py", "research/bench.py", "research/__main__.py"} <= shown, shown
     assert any(command.startswith("torchrun") for command, _ in readme_commands())
 
 

@@ -1,4 +1,4 @@
-"""studies/stats.py: the numbers every verdict in results/ and docs/EVIDENCE.md rests on.
+"""research/stats.py: the numbers every verdict in research/results/ and research/EVIDENCE.md rests on.
 
 Pinned down against hand-computed values and scipy's own tests: the paired t-test's p, Holm's
 adjusted p on a textbook example (including its monotonicity step), the seed-sign counts, the
@@ -10,7 +10,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from studies import stats
+from research import stats
 
 
 def test_t_test_p_matches_scipy_and_a_hand_value():

@@ -79,7 +79,7 @@ def test_a_tiny_run_learns_and_writes_every_output(tiny_run):
     assert config["amp"] == "auto" and config["amp_resolved"] == "none" and "amp none (auto)" in proc.stdout
     losses = train_losses(out / "metrics.jsonl")
     assert [it for it, _, _ in losses] == list(range(2, 41, 2))
-    first, last = losses[0][1], sum(l for _, l, _ in losses[-3:]) / 3
+    first, last = losses[0][1], sum(loss for _, loss, _ in losses[-3:]) / 3
     assert last < 0.8 * first, f"loss did not fall: first {first:.3f}, last three {last:.3f}"
     results = json.loads((out / "results.json").read_text())
     m = results["metrics"]
@@ -256,7 +256,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     (["--topk", "0"], "--topk must be a count >= 1 or a fraction in (0, 1], got 0"),
     (["--topk", "1.5"], "got 1.5"),
     (["--num-slots", "0"], "--num-slots must be >= 1, got 0"),
-    (["--num-slots", "70", "--etf", "slots"], "with --num-slots 70: a simplex of num_vectors=70 vectors needs --dim >= 69, got --dim 64"),
+    (["--num-slots", "70", "--etf", "slots"],
+     "with --num-slots 70: a simplex of num_vectors=70 vectors needs --dim >= 69, got --dim 64"),
     (["--topk-mode", "post", "--procs", "3"], "--procs 3 must divide --batch-size 8"),
     (["--etf", "slots", "--exchange", "cross"], "needs --exchange kem"),
     (["--backbone", "tiny", "--pretrained"], "the tiny backbone has no pretrained weights"),

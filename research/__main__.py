@@ -1,18 +1,18 @@
 """The paper's claims, tested on a 2-core CPU: runs that leave committed records, tables built from them.
 
-    python experiments.py primary               # kem and none, 5 pairs each with its own scenes (--data-seed),
-                                                # beside the data-seed-0 pairs: the primary comparison
-    python experiments.py ablation              # single-task baselines + 11 multi-task rows x 5 seeds -> Δm,
-                                                # paired comparisons, learning curve, slot selection
-    python experiments.py leak                  # the softmax leak at the model's own k values (a simulation)
-    python experiments.py distractors           # distractor tokens, k fixed from the real tokens, probe AUC
-    python experiments.py length                # kem and none trained 2x and 4x longer, 5 seeds: do the metrics
-                                                # level off, does kem − none move with the length?
-    python experiments.py imbalance             # kem and its ETF variants on an imbalanced training split, 5 seeds:
-                                                # tail-class IoU, Δm and the selection's stability
-    python experiments.py <name> --dry-run      # the plan: runs, how many are recorded, rough time
-    python experiments.py <name> --tables-only  # rebuild the tables from the records alone
-    python experiments.py <name> --help         # the knobs of each
+    python -m research primary               # kem and none, 5 pairs each with its own scenes (--data-seed),
+                                            # beside the data-seed-0 pairs: the primary comparison
+    python -m research ablation              # single-task baselines + 11 multi-task rows x 5 seeds -> Δm,
+                                            # paired comparisons, learning curve, slot selection
+    python -m research leak                  # the softmax leak at the model's own k values (a simulation)
+    python -m research distractors           # distractor tokens, k fixed from the real tokens, probe AUC
+    python -m research length                # kem and none trained 2x and 4x longer, 5 seeds: do the metrics
+                                            # level off, does kem − none move with the length?
+    python -m research imbalance             # kem and its ETF variants on an imbalanced training split, 5 seeds:
+                                            # tail-class IoU, Δm and the selection's stability
+    python -m research <name> --dry-run      # the plan: runs, how many are recorded, rough time
+    python -m research <name> --tables-only  # rebuild the tables from the records alone
+    python -m research <name> --help         # the knobs of each
 
 How long, on 2 cores with --jobs 2 (two one-thread runs side by side): a kem run of 1,500 steps took
 296-420 s on the project's 2-core machine (its speed drifts), and the ablation's 85 runs took 11.6
@@ -21,7 +21,7 @@ run-hours (about 2.8 h; 20 runs of 10-21 min), imbalance 20 runs as long as the 
 about a minute for its class shares), leak about a minute. --dry-run re-estimates from the records' own
 wall times (records marked with a "note" shared the machine with other work).
 
-Records [ours]. Every finished run leaves one small JSON file, results/runs/<experiment>/<config>/
+Records [ours]. Every finished run leaves one small JSON file, research/results/runs/<experiment>/<config>/
 seed<k>.json: its flags, every task's full metric dict, speed, wall time, the eval history (for
 learning curves) and, for KEM runs, the selection diagnostics. Checkpoints stay under runs/ (not
 committed). A run whose record exists is never run again, so a later session on a fresh machine
@@ -30,7 +30,7 @@ file). Every table is computed from the records alone: Δm against the single-ta
 comparisons (per-seed differences, their mean, a 95% t-interval, a paired t-test). Comparisons come in
 families (primary, ablation Δm, selection, distractors, length), Holm-corrected within each: a
 difference is "real" only where its Holm-adjusted p < 0.05, "suggestive" where only its own interval
-excludes zero (studies/stats.py). Unless a run sets --data-seed, every run trains on the same scenes:
+excludes zero (research/stats.py). Unless a run sets --data-seed, every run trains on the same scenes:
 such intervals cover training seeds only.
 
 What the paper claims [paper] and how it is tested here [ours]:
@@ -52,25 +52,25 @@ What the paper claims [paper] and how it is tested here [ours]:
    sKEM is motivated by KEM's sensitivity to imbalanced data. `imbalance` trains kem and its ETF
    variants on a training split with rare classes (val unchanged) and follows each slot's top-k set on
    fixed val images from one evaluation to the next.
-4. KEM's cost is linear in the tokens, cross-attention's quadratic: bench.py, not here.
+4. KEM's cost is linear in the tokens, cross-attention's quadratic: research/bench.py, not here.
 Run length [ours]: the ablation's runs are the default run's 1,500 steps, where the val metrics are
 still rising. `length` trains kem and none for 3,000 and 6,000 steps to show whether they level off
 and whether the kem − none difference, paired by seed, moves with the length.
 
-Where the code is (studies/, one module per experiment, its logic and its report side by side):
-    studies/runner.py       the Run records, train.py child processes, --dry-run, the shared skeleton
-    studies/stats.py        t-intervals (logit for [0, 1] values), paired comparisons, families with Holm
-    studies/primary.py      kem − none on the relative scale, the data-seed pairs, the gradient log
-    studies/ablation.py     rows, Δm, comparisons, learning curve, slot-selection diagnostics
-    studies/leak.py         the one-query softmax / top-k simulation
-    studies/distractors.py  the distractor hooks, the linear probe, the hidden `_distract` command
-    studies/length.py       the longer runs and the paired kem − none per length
-    studies/imbalance.py    the imbalanced split, the hidden `_imbalance` command, the stability of the selection
+Where the code is (research/, one module per experiment, its logic and its report side by side):
+    research/runner.py       the Run records, train.py child processes, --dry-run, the shared skeleton
+    research/stats.py        t-intervals (logit for [0, 1] values), paired comparisons, families with Holm
+    research/primary.py      kem − none on the relative scale, the data-seed pairs, the gradient log
+    research/ablation.py     rows, Δm, comparisons, learning curve, slot-selection diagnostics
+    research/leak.py         the one-query softmax / top-k simulation
+    research/distractors.py  the distractor hooks, the linear probe, the hidden `_distract` command
+    research/length.py       the longer runs and the paired kem − none per length
+    research/imbalance.py    the imbalanced split, the hidden `_imbalance` command, the stability of the selection
 Each module's docstring gives the experiment's design and its notes in full.
 """
 import sys
 
-from studies import ablation, distractors, imbalance, leak, length, primary
+from research import ablation, distractors, imbalance, leak, length, primary
 
 EXPERIMENTS = {"primary": primary.main, "ablation": ablation.main, "leak": leak.main, "distractors": distractors.main,
                "length": length.main, "imbalance": imbalance.main,
@@ -80,15 +80,15 @@ EXPERIMENTS = {"primary": primary.main, "ablation": ablation.main, "leak": leak.
 
 
 def main(argv=None):
-    """`python experiments.py <name> [...]`: the experiment's exit code (2 for no or an unknown name)."""
+    """`python -m research <name> [...]`: the experiment's exit code (2 for no or an unknown name)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(__doc__)
         return 2
     if argv[0] not in EXPERIMENTS:
         names = ", ".join(n for n in EXPERIMENTS if not n.startswith("_"))
-        print(f"experiments.py: there is no experiment {argv[0]!r}; the experiments are {names} "
-              "(`python experiments.py` describes each).", file=sys.stderr)
+        print(f"python -m research: there is no experiment {argv[0]!r}; the experiments are {names} "
+              "(`python -m research` describes each).", file=sys.stderr)
         return 2
     if argv[0].startswith("_"):                  # a train.py process with hooks: its exit code
         return EXPERIMENTS[argv[0]](argv[1:])

@@ -1,6 +1,6 @@
 """Distractor tokens: does KEM's top-k keep out tokens that carry nothing useful, where softmax lets them in?
 
-    python experiments.py distractors               # after the ablation (it evaluates its checkpoints)
+    python -m research distractors               # after the ablation (it evaluates its checkpoints)
 
 What the paper claims [paper]: softmax leaks attention onto irrelevant tokens, more as the tokens
 grow; top-k selection stops it (the simulation in leak.py shows the mechanism on one query).
@@ -18,13 +18,13 @@ with k held at the count resolved from the real tokens (so a fractional k does n
   how easy the distractors are to tell apart: "token" sees a token alone, "context" also its product
   with the image's mean real token (a similarity an attention layer can compute).
 
-Writes results/distractors.json/.md/.png from the distractor and ablation records alone (`report`).
+Writes research/results/distractors.json/.md/.png from the distractor and ablation records alone (`report`).
 
 Letters: B batch, N real tokens (all tasks), M distractor tokens, D width.
 
 Notes:
 - Distractors are appended by forward hooks on the exchange module (`Distractors`), in train.py
-  processes started through the hidden command `experiments.py _distract`, whose model hook
+  processes started through the hidden command `python -m research _distract`, whose model hook
   (train.Hooks) attaches them to the built network. "none" trained with distractors is the hooks' control: nothing can reach the
   tokens, so it must match its clean run (up to thread nondeterminism).
 - The probes run in this process, once per model and kind (cached), after the run is recorded.
@@ -42,9 +42,9 @@ import torch
 import metrics
 import train
 from kem_mtl import resolve_topk
-from studies import ablation, runner
-from studies import stats
-from studies.stats import ci, paired, t_interval
+from research import ablation, runner
+from research import stats
+from research.stats import ci, paired, t_interval
 
 KINDS = ("other", "gaussian")       # distractor kinds, see Distractors
 
@@ -132,9 +132,9 @@ class Distractors:
 # --- the hidden command: a train.py process whose model carries the hooks -------------------------
 
 def train_with_distractors(argv):
-    """`experiments.py _distract --kind K --ratio R -- <train.py flags>`: train.py with distractor tokens."""
+    """`python -m research _distract --kind K --ratio R -- <train.py flags>`: train.py with distractor tokens."""
     own, rest = runner.split_extra(argv)
-    p = argparse.ArgumentParser(prog="experiments.py _distract")
+    p = argparse.ArgumentParser(prog="python -m research _distract")
     p.add_argument("--kind", choices=KINDS, default="other")
     p.add_argument("--ratio", type=float, required=True, help="distractor tokens per real token")
     args = p.parse_args(own)
@@ -247,14 +247,14 @@ def _ratio(run):
 
 
 def distract_script(kind, ratio):
-    """The script part of a run with distractors: `experiments.py _distract ... --` before the train.py flags."""
-    return ("experiments.py", "_distract", "--kind", kind, "--ratio", f"{ratio:g}", "--")
+    """The script part of a run with distractors: `python -m research _distract ... --` before the train.py flags."""
+    return ("research", "_distract", "--kind", kind, "--ratio", f"{ratio:g}", "--")
 
 
 # --- the experiment: options and plan -------------------------------------------------------------
 
 def main(argv):
-    """`python experiments.py distractors [options] [-- train.py flags]`."""
+    """`python -m research distractors [options] [-- train.py flags]`."""
     p = runner.parser("distractors", "Distractor tokens in the exchange (k fixed from the real tokens): "
                                      "trained models evaluated with them, and models trained with them.")
     p.add_argument("--exchanges", nargs="+", default=["none", "cross", "kem"], choices=["none", "cross", "kem"])
@@ -290,8 +290,8 @@ def plan(args, extra, ctx):
 
 # --- the report: test time, paired exchanges, trained with distractors ----------------------------
 
-def report(results, tasks, command="python experiments.py distractors"):
-    """results/distractors.json/.md/.png from the distractor and ablation records alone."""
+def report(results, tasks, command="python -m research distractors"):
+    """research/results/distractors.json/.md/.png from the distractor and ablation records alone."""
     results = Path(results)
     recs = runner.load_records(results, "distractors")
     ablation_recs = runner.load_records(results, "ablation")

@@ -1,15 +1,15 @@
 """Benchmarks: how fast, how much memory. Numbers come from here, never from timed tests.
 
-    python bench.py exchange      # KEM vs cross-attention, forward+backward, time and peak memory
-    python bench.py step          # a whole training step of MultiTaskNet with kem / cross / none
-    python bench.py etf           # what projecting the tokens into ETF space costs
-    python bench.py data          # SyntheticRooms samples per second
-    python bench.py edges         # the exact edge metric on 480x640 maps
-    python bench.py presets       # the nyud / pascal presets at protocol size: step, memory, evaluation
-    python bench.py --help        # every benchmark this file holds
+    python -m research.bench exchange      # KEM vs cross-attention, forward+backward, time and peak memory
+    python -m research.bench step          # a whole training step of MultiTaskNet with kem / cross / none
+    python -m research.bench etf           # what projecting the tokens into ETF space costs
+    python -m research.bench data          # SyntheticRooms samples per second
+    python -m research.bench edges         # the exact edge metric on 480x640 maps
+    python -m research.bench presets       # the nyud / pascal presets at protocol size: step, memory, evaluation
+    python -m research.bench --help        # every benchmark this file holds
 
 Each benchmark is a function `bench_<name>(args)` registered in BENCHES at the bottom; it prints
-a table and returns its rows so other scripts (and the tables in docs/PERFORMANCE.md) can reuse them.
+a table and returns its rows so other scripts (and the tables in research/PERFORMANCE.md) can reuse them.
 """
 import argparse
 import os
@@ -219,7 +219,7 @@ def _write_json(path, rows, args):
 # --- exchange: KEM vs cross-attention --------------------------------------------------------
 
 def bench_exchange(argv):
-    parser = argparse.ArgumentParser(prog="bench.py exchange",
+    parser = argparse.ArgumentParser(prog="python -m research.bench exchange",
                                      description="KEM vs full cross-attention: forward+backward time and peak memory.")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384], help="token counts N")
     parser.add_argument("--dim", type=int, default=128, help="token width D")
@@ -279,7 +279,7 @@ def plot_exchange(rows, path):
 # --- step: a whole training step of MultiTaskNet ---------------------------------------------
 
 def bench_step(argv):
-    parser = argparse.ArgumentParser(prog="bench.py step",
+    parser = argparse.ArgumentParser(prog="python -m research.bench step",
                                      description="One training step of MultiTaskNet (6 synthetic tasks) per exchange, "
                                                  "as train.py takes it (its losses, clipping, AdamW).")
     parser.add_argument("--sizes", nargs="+", default=["96x128", "192x256"], help="HxW images")
@@ -323,7 +323,7 @@ def bench_step(argv):
 # --- etf: the cost of projecting tokens into ETF space ---------------------------------------
 
 def bench_etf(argv):
-    parser = argparse.ArgumentParser(prog="bench.py etf", description="ETFProjection vs KEM, forward + backward.")
+    parser = argparse.ArgumentParser(prog="python -m research.bench etf", description="ETFProjection vs KEM, forward + backward.")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
@@ -408,7 +408,7 @@ def bench_edges(argv):
 
     import metrics
 
-    parser = argparse.ArgumentParser(prog="bench.py edges", description=bench_edges.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m research.bench edges", description=bench_edges.__doc__)
     parser.add_argument("--images", type=int, default=8, help="synthetic images to score; more = steadier figure")
     parser.add_argument("--processes", type=int, default=2, help="EdgeMeter worker processes (the target assumes 2)")
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
@@ -469,7 +469,7 @@ def bench_data(argv):
 
     from synthetic import SyntheticRooms
 
-    parser = argparse.ArgumentParser(prog="bench.py data", description=bench_data.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m research.bench data", description=bench_data.__doc__)
     parser.add_argument("--samples", type=int, default=400, help="timed samples per size")
     parser.add_argument("--sizes", nargs="+", default=["96x128", "192x256"], help="HxW image sizes")
     parser.add_argument("--seed", type=int, default=0)
@@ -528,7 +528,7 @@ def bench_presets(argv):
     from kem_mtl import BACKBONES, EXCHANGES
     from train import PRESETS
 
-    parser = argparse.ArgumentParser(prog="bench.py presets", description=bench_presets.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m research.bench presets", description=bench_presets.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["nyud", "pascal"], choices=sorted(datasets.SPLIT_SIZES))
     parser.add_argument("--backbones", nargs="+", default=["swin_t", "resnet50"], choices=BACKBONES,
@@ -588,7 +588,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run")
     parser.add_argument("options", nargs=argparse.REMAINDER,
-                        help="the benchmark's own options; `python bench.py <what> --help` lists them")
+                        help="the benchmark's own options; `python -m research.bench <what> --help` lists them")
     args = parser.parse_args(argv)
     if not {"-h", "--help"} & set(args.options):
         print(machine_line())

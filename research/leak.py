@@ -1,6 +1,6 @@
 """The softmax leak: how much attention one query gives to irrelevant tokens, at the k values the model uses.
 
-    python experiments.py leak                      # about a minute; writes results/leak.json, .md, .png
+    python -m research leak                      # about a minute; writes research/results/leak.json, .md, .png
 
 What the paper claims [paper]: softmax never gives an exact zero, so every irrelevant token leaks a
 little into every output, more as the tokens grow; top-k selection stops it.
@@ -29,7 +29,7 @@ import torch
 
 import train
 from kem_mtl import resolve_topk, topk_softmax
-from studies import runner
+from research import runner
 
 LEAK_KS = {"N/64": 1 / 64, "N/16": 1 / 16, "N/4": 0.25, "N": 1.0, "16": 16}   # label -> topk as the model takes it
 
@@ -73,8 +73,8 @@ def default_token_count():
 
 
 def main(argv):
-    """`python experiments.py leak [options]`: the table, the curves and the figure."""
-    p = argparse.ArgumentParser(prog="experiments.py leak",
+    """`python -m research leak [options]`: the table, the curves and the figure."""
+    p = argparse.ArgumentParser(prog="python -m research leak",
                                 description="Softmax vs top-k at the model's k values: mass on irrelevant tokens.")
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384], help="N for the table")
     p.add_argument("--relevant", type=int, default=16, help="relevant tokens |S|")
@@ -103,7 +103,7 @@ def main(argv):
         cells = [f"{r['topk']:.3f} (k {r['k_resolved']:,}, {r['coverage']:.2g}×)" for r in rows if r["N"] == n]
         lines.append(f"| {n:,}" + (" (default run)" if n == model_n else "") + " | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    out = {"command": "python experiments.py leak " + " ".join(argv), "relevant": args.relevant, "gap": args.gap,
+    out = {"command": "python -m research leak " + " ".join(argv), "relevant": args.relevant, "gap": args.gap,
            "noise": args.noise, "trials": args.trials, "num_slots": args.num_slots, "model_tokens": model_n,
            "rows": rows, "curves": sims}
     args.results.mkdir(parents=True, exist_ok=True)

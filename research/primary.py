@@ -1,7 +1,7 @@
 """The primary comparison: does KEM make multi-task learning better than no exchange at all?
 
-    python experiments.py primary                  # kem and none, 5 new pairs with their own scenes
-    python experiments.py primary --tables-only    # the comparison from every record that has it
+    python -m research primary                  # kem and none, 5 new pairs with their own scenes
+    python -m research primary --tables-only    # the comparison from every record that has it
 
 What the paper claims [paper]: KEM makes multi-task learning better (its central claim; the ablation's
 other comparisons refine it). Of all the comparisons the experiments make, this one is named first
@@ -25,15 +25,15 @@ The family "primary" (Holm-corrected together, stats.family):
   its own 2,000 scenes and is scored on its own 200 val scenes. Its interval covers the noise of the
   training seed *and* of the data; the data-seed-0 rows cover training seeds only, on one dataset.
 
-Gradient diagnostic [ours] (item of issue 20; measured, not tuned): the kem runs of this experiment
-train through the hidden command `experiments.py _gradients`, which registers an optimizer step
+Gradient diagnostic [ours] (measured, not tuned): the kem runs of this experiment
+train through the hidden command `python -m research _gradients`, which registers an optimizer step
 pre-hook (`GradientLog`) that every --every steps writes the norms of the gradients reaching KEM's
 selection (R, W_qr, W_kr: which tokens each slot takes) and its values and write (W_vr, W_qw, W_kw,
 W_vw), and how far each matrix has moved from its weights at the first step, to gradients.jsonl in
 the run folder; the record keeps them (`gradients_after`). The report shows them beside the slot
 overlap of the same runs.
 
-Writes results/primary.json/.md from the ablation, length and primary records alone (`report`).
+Writes research/results/primary.json/.md from the ablation, length and primary records alone (`report`).
 
 Notes:
 - The hook reads gradients and weights only (no RNG, no writes to tensors), so a hooked run computes
@@ -56,9 +56,9 @@ import torch
 
 import metrics
 import train
-from studies import ablation, runner, stats
-from studies.runner import label
-from studies.stats import bounded_interval, ci
+from research import ablation, runner, stats
+from research.runner import label
+from research.stats import bounded_interval, ci
 
 ROWS = ("kem", "none")                                 # the difference is kem − none
 SEEDS = [5, 6, 7, 8, 9]                                # new training seeds, each with --data-seed equal to it
@@ -121,9 +121,9 @@ def _rank():
 
 
 def train_with_gradient_log(argv):
-    """`experiments.py _gradients [--every N] -- <train.py flags>`: train.py with a GradientLog on KEM."""
+    """`python -m research _gradients [--every N] -- <train.py flags>`: train.py with a GradientLog on KEM."""
     own, rest = runner.split_extra(argv)
-    p = argparse.ArgumentParser(prog="experiments.py _gradients")
+    p = argparse.ArgumentParser(prog="python -m research _gradients")
     p.add_argument("--every", type=int, default=GRADIENT_EVERY, help="log the gradient norms every this many steps")
     args = p.parse_args(own)
     return train.cli(rest, train.Hooks(optimizer=WatchGradients(args.every)))
@@ -170,7 +170,7 @@ def _every(run):
 # --- the experiment: options and plan ---------------------------------------------------------------
 
 def main(argv):
-    """`python experiments.py primary [options] [-- train.py flags]`."""
+    """`python -m research primary [options] [-- train.py flags]`."""
     p = runner.parser("primary", "kem against none, five new pairs each with its own scenes (--data-seed = --seed), "
                                  "reported beside the data-seed-0 pairs of the ablation and length experiments.")
     p.set_defaults(seeds=SEEDS)
@@ -187,7 +187,7 @@ def plan(args, extra, ctx):
             flags = runner.train_flags([*rows[row], "--data-seed", str(s)], s, args.max_iters, args.eval_interval, extra)
             if row == "kem":
                 runs.append(runner.Run("primary", row, s, flags, group=row, steps=args.max_iters, after=gradients_after,
-                                       prefix=("experiments.py", "_gradients", "--every", str(args.every), "--")))
+                                       prefix=("research", "_gradients", "--every", str(args.every), "--")))
             else:
                 runs.append(runner.Run("primary", row, s, flags, group=row, steps=args.max_iters))
     return [runs]
@@ -258,8 +258,8 @@ def _member(text, steps, data, covers, pairs, tasks):
 
 # --- the report ----------------------------------------------------------------------------------------
 
-def report(results, tasks, command="python experiments.py primary --tables-only"):
-    """results/primary.json/.md: the primary family, its per-task breakdown, and the gradient diagnostic."""
+def report(results, tasks, command="python -m research primary --tables-only"):
+    """research/results/primary.json/.md: the primary family, its per-task breakdown, and the gradient diagnostic."""
     results = Path(results)
     members = primary_family(results, tasks)
     if not members:
@@ -274,7 +274,7 @@ def report(results, tasks, command="python experiments.py primary --tables-only"
     grads = gradient_report(runner.load_records(results, "primary"))
     missing = "" if any(c["data"] == "= seed" for c in members) else (
         "\n\nThe pairs with their own data (seeds 5-9, --data-seed = --seed) are not recorded yet: "
-        "`python experiments.py primary --commit` trains them (10 runs of 1,500 steps).")
+        "`python -m research primary --commit` trains them (10 runs of 1,500 steps).")
     (results / "primary.json").write_text(json.dumps({"command": command, "family": members, "gradients": grads},
                                                      indent=1))
     (results / "primary.md").write_text(
@@ -296,13 +296,13 @@ def gradient_report(records):
     """Per kem run of this experiment: its slot overlap and task share beside the gradient norms reaching the
     selection (R, W_qr, W_kr) against the values and write (W_vr, W_qw, W_kw, W_vw) over training."""
     runs = {s: r for (c, s), r in records.items() if c == "kem" and (r.get("gradients") or {}).get("points")}
-    head = ("Gradient diagnostic (kem runs of `python experiments.py primary`): per seed, the slot overlap on its val "
+    head = ("Gradient diagnostic (kem runs of `python -m research primary`): per seed, the slot overlap on its val "
             "scenes (mean pairwise Jaccard of the slots' top-k sets; 1 = every slot takes the same tokens) and largest "
             "task share, beside the ratio ‖∂L/∂(R, W_qr, W_kr)‖ / ‖∂L/∂(W_vr, W_qw, W_kw, W_vw)‖ of the gradients "
             "reaching the selection and the values/write (after clipping, which scales both alike), and how far the "
             "selection's and the values' matrices moved from their first-step weights (‖θ − θ_1‖ / ‖θ_1‖).")
     if not runs:
-        return {"runs": {}, "markdown": head + "\n\nNot recorded yet: the kem runs of `python experiments.py primary` "
+        return {"runs": {}, "markdown": head + "\n\nNot recorded yet: the kem runs of `python -m research primary` "
                                                "write it."}
     lines = ["| seed | slot overlap | largest task share | gradient ratio selection / values: first step | "
              "median over training | last step | moved, selection / values, at the end |", "|---:|---:|---:|---:|---:|---:|---|"]

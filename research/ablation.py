@@ -1,13 +1,13 @@
 """The ablation: does KEM help multi-task learning, does sKEM help further, does the ETF stabilise the selection?
 
-    python experiments.py ablation                 # 6 single-task baselines + 11 multi-task rows x 5 seeds
-    python experiments.py ablation --rows none kem  # some rows only (the baselines always run)
+    python -m research ablation                 # 6 single-task baselines + 11 multi-task rows x 5 seeds
+    python -m research ablation --rows none kem  # some rows only (the baselines always run)
 
 What the paper claims [paper]: KEM beats cross-attention and no exchange (Δm against single-task
 baselines), sKEM (the ETF variant) helps further, and the ETF stabilises which tokens the slots select.
 
 How it is tested here [ours], on SyntheticRooms at the default run's 1,500 steps:
-- Single-task baselines: the same network for one task with no exchange (REFERENCE §5). A row's Δm
+- Single-task baselines: the same network for one task with no exchange. A row's Δm
   interval is over seeds, each seed's Δm against the single-task runs of *its own* seed, so the
   interval carries the baselines' seed noise too (`delta_m_own_seed`). Comparisons between rows take
   Δm against the mean over seeds of the baselines, a common scale on which the baselines cancel
@@ -18,7 +18,7 @@ How it is tested here [ours], on SyntheticRooms at the default run's 1,500 steps
   (tokens L2-normalised, no ETF frame: the control for "features").
 - `COMPARISONS`: the pairs of rows whose Δm are compared paired by seed, one family ("ablation Δm",
   Holm-corrected together by stats.family). kem − none is also the primary comparison, on its own
-  scale and with more seeds and lengths, in studies/primary.py.
+  scale and with more seeds and lengths, in research/primary.py.
 - Selection diagnostics: after each KEM run, this process measures on the val set which tokens the
   slots select (`selection_diagnostics`): the mean pairwise Jaccard overlap of the slots' top-k sets,
   and each slot's share of selected tokens per task. `SELECTION_COMPARISONS` pairs rows with the
@@ -28,7 +28,7 @@ How it is tested here [ours], on SyntheticRooms at the default run's 1,500 steps
 - The learning curve of one row (--curve-row, kem) and how much each metric still moved over the
   last 500 steps (`levelled_off`): the runs are short, and the `length` experiment trains longer.
 
-Writes results/ablation.json/.md (rows), comparisons.json/.md, learning_curve.png and
+Writes research/results/ablation.json/.md (rows), comparisons.json/.md, learning_curve.png and
 selection.json/.md/.png, from the records alone (`report`, `selection_report`).
 
 Letters: B batch, T tasks, N tokens (all tasks), L slots, k selected tokens per slot.
@@ -42,10 +42,10 @@ import torch
 
 import metrics
 from kem_mtl import resolve_topk
-from studies import runner
-from studies.runner import headline, label
-from studies import stats
-from studies.stats import bounded_interval, ci, paired, t_interval
+from research import runner
+from research.runner import headline, label
+from research import stats
+from research.stats import bounded_interval, ci, paired, t_interval
 
 
 def kem(topk="0.25", mode="mask", etf="none"):
@@ -120,7 +120,7 @@ def training_run(name, flags, seed, max_iters, eval_interval, extra):
 # --- the experiment: options and plan ----------------------------------------------------------
 
 def main(argv):
-    """`python experiments.py ablation [options] [-- train.py flags]`."""
+    """`python -m research ablation [options] [-- train.py flags]`."""
     p = runner.parser("ablation", "Δm of every row against single-task baselines, paired comparisons, "
                                   "learning curve and slot selection, on SyntheticRooms.")
     p.add_argument("--rows", nargs="+", help=f"multi-task rows to run (default all: {', '.join(MULTI_TASK_ROWS)}); "
@@ -212,8 +212,8 @@ def levelled_off(records, tasks, window=500):
 
 # --- the report: rows, comparisons, learning curve ------------------------------------------------
 
-def report(results, tasks, curve_row="kem", command="python experiments.py ablation"):
-    """results/ablation.json/.md, comparisons.json/.md, learning_curve.png, selection.* from the records alone."""
+def report(results, tasks, curve_row="kem", command="python -m research ablation"):
+    """research/results/ablation.json/.md, comparisons.json/.md, learning_curve.png, selection.* from the records alone."""
     results = Path(results)
     records = runner.load_records(results, "ablation")
     if not records:
@@ -281,14 +281,14 @@ def report(results, tasks, curve_row="kem", command="python experiments.py ablat
         f"exchange), so the mean and 95% t-interval over seeds carry the baselines' noise too; the per-seed "
         f"table also gives Δm against the mean over seeds of the single-task runs, the common scale of the "
         f"comparisons (comparisons.md). Task columns are the mean over seeds of each headline metric (per-seed "
-        f"values below and in results/runs/ablation/). img/s and wall time are medians over seeds. Regenerate: "
+        f"values below and in research/results/runs/ablation/). img/s and wall time are medians over seeds. Regenerate: "
         f"`{command}`\n\n" + "\n".join(summary) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     (results / "comparisons.json").write_text(json.dumps({**meta, "comparisons": comparisons}, indent=1))
     (results / "comparisons.md").write_text(
         "Paired comparisons of Δm (%, a − b per seed, both against the mean over seeds of the single-task runs; the "
         "same training seed gives both rows the same data order, and every run the same scenes, data seed 0), "
         "their mean, unadjusted 95% t-interval, paired t-test p and Holm-adjusted p over the family. kem − none is "
-        "also the primary comparison, on its own scale with more seeds and lengths: results/primary.md. "
+        "also the primary comparison, on its own scale with more seeds and lengths: research/results/primary.md. "
         f"Regenerate: `{command}`\n\n" + "\n".join(comp_lines) + "\n\n" + stats.family_note("ablation Δm", comparisons)
         + "\n")
     if curve:
@@ -413,7 +413,7 @@ def selection_after(run, run_dir, ctx):
 
 
 def selection_report(records, results):
-    """results/selection.json/.md/.png from the ablation records that carry selection diagnostics."""
+    """research/results/selection.json/.md/.png from the ablation records that carry selection diagnostics."""
     by_row = {}
     for (config, seed), rec in sorted(records.items()):
         if rec.get("selection"):
@@ -459,7 +459,7 @@ def selection_report(records, results):
         "same tokens; 'chance' = independent random k-sets). Largest task share: mean over images and slots of "
         f"the largest fraction of a slot's selected tokens that comes from one task (1 = one task per slot, 1/T = "
         f"{1 / T:.3f} = evenly mixed); task weight: the same for attention mass (it differs when k = N). "
-        "Regenerate: `python experiments.py ablation --tables-only`\n\n" + "\n".join(lines)
+        "Regenerate: `python -m research ablation --tables-only`\n\n" + "\n".join(lines)
         + ("\n\nPaired by seed (a − b; rows with the same k only):\n\n" + "\n".join(pair_lines) + "\n\n"
            + stats.family_note("selection", pairs) if pairs else "")
         + "\n")

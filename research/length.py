@@ -1,6 +1,6 @@
 """Run length: are the ablation's 1,500 steps enough, and does kem − none move when the runs are longer?
 
-    python experiments.py length                    # kem and none at 3,000 and 6,000 steps, 5 seeds
+    python -m research length                    # kem and none at 3,000 and 6,000 steps, 5 seeds
 
 Why [ours]: the ablation's runs are the default run's 1,500 steps, where the val metrics are still
 rising, so a difference between rows could be one of speed rather than of where they end up. This
@@ -11,11 +11,11 @@ and seeds:
 - per run: the final val metrics and how much each headline still moved over the last 40% of the
   run (ablation.levelled_off);
 - per length: kem against none paired by seed on the primary comparison's scale r (kem's per-task
-  relative difference against none, studies/primary.py), tested in the family "primary", each task's
+  relative difference against none, research/primary.py), tested in the family "primary", each task's
   relative difference (descriptive), and how r changed against the shortest length (family "length").
   No Δm: it would need single-task runs of each length, and there are only the ablation's 1,500-step ones.
 
-Writes results/length.json/.md/.png from the length and ablation records alone (`report`).
+Writes research/results/length.json/.md/.png from the length and ablation records alone (`report`).
 
 Notes:
 - --max-iters is accepted (a common option) but not used here: --lengths sets the steps.
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 import metrics
-from studies import ablation, primary, runner, stats
-from studies.runner import headline, label
-from studies.stats import ci, paired
+from research import ablation, primary, runner, stats
+from research.runner import headline, label
+from research.stats import ci, paired
 
 LENGTH_ROWS = ("kem", "none")               # the difference is kem − none
 
@@ -36,7 +36,7 @@ LENGTH_ROWS = ("kem", "none")               # the difference is kem − none
 # --- the experiment: options and plan -------------------------------------------------------------
 
 def main(argv):
-    """`python experiments.py length [options] [-- train.py flags]`."""
+    """`python -m research length [options] [-- train.py flags]`."""
     p = runner.parser("length", "The ablation's rows trained longer (each with its own schedule, "
                                 "which ends at its last step): do the metrics level off, and does the "
                                 "difference between rows move with the length?")
@@ -57,8 +57,8 @@ def plan(args, extra, ctx):
 # --- the report: per run, per length, the paired difference ---------------------------------------
 
 
-def report(results, tasks, rows=LENGTH_ROWS, command="python experiments.py length"):
-    """results/length.json/.md/.png: final metrics against run length, from the length records and the
+def report(results, tasks, rows=LENGTH_ROWS, command="python -m research length"):
+    """research/results/length.json/.md/.png: final metrics against run length, from the length records and the
     ablation's records of the same rows and seeds (their length is the ablation's)."""
     results = Path(results)
     ablation_recs = runner.load_records(results, "ablation")
@@ -96,7 +96,7 @@ def report(results, tasks, rows=LENGTH_ROWS, command="python experiments.py leng
         "(the same scenes for every seed). Final val metrics; 'still improving': the headline's relative change "
         "between the evaluation nearest 60% of the run and the last one (positive = better). The rows are compared "
         "on the primary comparison's scale r (kem's per-task relative difference against none, %, mean over tasks; "
-        "results/primary.md), which needs no single-task runs: there are single-task runs of 1,500 steps only, so "
+        "research/results/primary.md), which needs no single-task runs: there are single-task runs of 1,500 steps only, so "
         "no Δm is given at 3,000 or 6,000 steps. Regenerate: "
         f"`{command}`\n\n" + "\n".join(lines) + "\n\n" + summary["markdown"] + "\n")
     plot_length(out, tasks, results / "length.png")
@@ -137,7 +137,7 @@ def summary_by_length(out, tasks, rows, results):
     if per_length:
         name = per_length[0]["r"]["family"]
         lines += ["", stats.family_note(name, [p["r"] for p in per_length])
-                  + (" The family's other members are in results/primary.md." if name == "primary" else ""),
+                  + (" The family's other members are in research/results/primary.md." if name == "primary" else ""),
                   "", "Per task (descriptive, not tested): the relative difference, %, positive = "
                   f"{a_row} better, mean and unadjusted 95% t-interval:", "",
                   "| steps | seeds | " + " | ".join(label(t) for t in tasks) + " |", "|---:|---:|" + "---:|" * len(tasks)]

@@ -8,7 +8,7 @@ train.py process (or an --eval-only one) with its flags and seed. `run()` is the
                                    otherwise: run what is not recorded yet, --jobs at a time
              ->  the experiment's report: tables and figures from the records alone
 
-Records [ours]. Every finished run leaves one small JSON file, results/runs/<experiment>/<config>/
+Records [ours]. Every finished run leaves one small JSON file, research/results/runs/<experiment>/<config>/
 seed<k>.json (`make_record`): its script and flags, every task's full metric dict, speed, wall time,
 the eval history (for learning curves), the commit it was made from, and whatever the run's `after`
 hook adds (the ablation's selection diagnostics, the distractors' probe). Checkpoints stay under
@@ -52,7 +52,7 @@ import train
 import train_support
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"          # tables here, records under RESULTS / "runs"
+RESULTS = ROOT / "research" / "results"          # tables here, records under RESULTS / "runs"
 RUNS = ROOT / "runs"                # train.py run folders (checkpoints), not committed
 SYNTHETIC_TASKS = tuple(synthetic.TASKS)
 SEEDS = [0, 1, 2, 3, 4]
@@ -60,7 +60,7 @@ EVAL_INTERVAL = 250                 # evaluations per run give the learning curv
 
 # Prior seconds per training step of one run on one thread beside another, for the --dry-run estimate
 # until records exist: kem measured (296 s / 1,500 steps on the 2-core machine, nothing else running);
-# the others scaled from bench.py step's one-process ratios (none ~ kem, cross ~1.9x, one task ~0.5x).
+# the others scaled from research/bench.py step's one-process ratios (none ~ kem, cross ~1.9x, one task ~0.5x).
 # Replaced by the records' own wall times as soon as there are some.
 PRIOR_S_PER_STEP = {"single-task": 0.10, "none": 0.19, "cross": 0.37, "kem": 0.20}
 PRIOR_EVAL_S = 40                   # one --eval-only run on the 200 val images (a guess)
@@ -160,6 +160,21 @@ def make_record(run, run_dir, result, seconds):
     return rec
 
 
+def announce_commits(runs, ctx, repo=ROOT):
+    """--commit, before the first run: say which records will be committed, and stop (SystemExit) if any of
+    those files has uncommitted changes, which a record's commit would sweep in or overwrite."""
+    paths = [run.record_path(ctx.results) for run in runs if not run.needs_checkpoint]
+    status = subprocess.run(["git", "status", "--porcelain", "--", *map(str, paths)], cwd=repo,
+                            capture_output=True, text=True).stdout if paths else ""
+    dirty = [line[3:] for line in status.splitlines() if not line.startswith("??")]
+    if dirty:
+        raise SystemExit(f"--commit would commit records that have uncommitted changes: {', '.join(dirty[:5])}"
+                         f"{' ...' if len(dirty) > 5 else ''}. Commit or restore them first, or run without --commit")
+    folders = sorted({str(Path(p).parent.parent.relative_to(repo)) for p in paths}) if paths else []
+    print(f"--commit: each new record is committed as it lands (git commit -- <record>), under "
+          f"{', '.join(folders) or 'no folder (nothing to record)'}", flush=True)
+
+
 def commit_record(path, message, repo=ROOT, attempts=8):
     """`git add` one record and commit only it; retry while another git process holds the index lock.
 
@@ -219,11 +234,25 @@ def is_done(run, ctx):
     if not path.exists():
         return False
     rec = json.loads(path.read_text())
-    if rec["flags"] != run.flags or rec.get("script") != run.script:
+    if rec["flags"] != run.flags or script_of(rec) != run.script:
         raise RuntimeError(f"{path} was made with other flags:\n  recorded {rec.get('script')} {rec['flags']}\n"
                            f"  planned  {run.script} {run.flags}\nDelete it to run again, or write to another "
                            f"--results folder")
     return True
+
+
+def script_of(record):
+    """A record's script; records made before the lab moved into research/ (2026-12-05) name the same hidden
+    commands by their old entry point, experiments.py."""
+    script = list(record.get("script") or [])
+    return ["research", *script[1:]] if script[:1] == ["experiments.py"] else script
+
+
+def command(script):
+    """The command line of a run's script: train.py by its path, the lab's hidden commands as `-m research`."""
+    if script[0] == "research":
+        return [sys.executable, "-m", "research", *script[1:]]
+    return [sys.executable, str(ROOT / script[0]), *script[1:]]
 
 
 def perform(run, ctx):
@@ -262,7 +291,7 @@ def perform(run, ctx):
 
 def _launch_run(run, out, ctx):
     """Start the run's process: evaluate, resume from the checkpoint, or start afresh. True if resumed."""
-    cmd = [sys.executable, str(ROOT / run.script[0]), *run.script[1:], *run.flags]
+    cmd = [*command(run.script), *run.flags]
     resumed = False
     if run.source is not None:
         cmd += ["--ckpt", str(run.source.run_dir(ctx.runs) / "ckpt.pt"), "--out-dir", str(out)]
@@ -351,9 +380,9 @@ def split_extra(argv):
 
 
 def parser(name, description):
-    """The argument parser of `experiments.py <name>` with the options every experiment that trains takes;
+    """The argument parser of `python -m research <name>` with the options every experiment that trains takes;
     the experiment adds its own after them."""
-    p = argparse.ArgumentParser(prog=f"experiments.py {name}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m research {name}", description=description)
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     p.add_argument("--max-iters", type=int, help="steps per run (default: the synthetic preset's, 1,500)")
     p.add_argument("--eval-interval", type=int, default=EVAL_INTERVAL, help="evaluate every this many steps")
@@ -396,21 +425,19 @@ def run(p, argv, plan, report):
     if args.dry_run:
         return print_plan([r for phase in phases for r in phase], ctx)
     if not args.tables_only:
+        if ctx.commit:
+            announce_commits([r for phase in phases for r in phase], ctx)
         for phase in phases:
             execute(phase, ctx)
-    return report(args, f"python {p.prog} {' '.join(argv)}".strip())
+    return report(args, f"{p.prog} {' '.join(argv)}".strip())
 
 
 # --- trained models, for the diagnostics this process runs on them ----------------------------
 
 def load_trained(ckpt_path):
-    """(model in eval mode, its config) from a train.py checkpoint; no pretrained weights are fetched."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    cfg = {**ckpt["config"], "pretrained": False}
-    model = train.build_model(cfg)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, cfg
+    """(model in eval mode, its config with pretrained off) from a train.py checkpoint: train.load_trained."""
+    model, cfg, _ = train.load_trained(ckpt_path)
+    return model, {**cfg, "pretrained": False}
 
 
 def val_images(cfg, max_images=None):

@@ -1,7 +1,7 @@
 """sKEM where the paper motivates it: imbalanced training data. Is KEM hurt more than its ETF variants,
 and does the ETF keep the knowledge selection steadier while the network trains?
 
-    python experiments.py imbalance                 # kem and its three ETF variants x 5 seeds, 1,500 steps each
+    python -m research imbalance                 # kem and its three ETF variants x 5 seeds, 1,500 steps each
 
 What the paper claims [paper]: sKEM is motivated by KEM's sensitivity to imbalanced data distributions;
 the ETF projection "stabilises the knowledge-selection process". The ablation tests the ETF variants on
@@ -19,7 +19,7 @@ How it is tested here [ours]:
   6.53% -> 0.61% of the pixels (x 0.098 together), box 12.7% -> 26.3% (each record holds the shares).
 - Rows (`ROWS`): the ablation's kem, kem+etf features, kem+etf slots, kem+etf both, with the same
   train.py flags and seeds as the ablation's runs; only the training split differs. The runs go
-  through the hidden command `experiments.py _imbalance`: train.py with a dataset hook (train.Hooks)
+  through the hidden command `python -m research _imbalance`: train.py with a dataset hook (train.Hooks)
   that builds the train split with the rule as SyntheticRooms' edit_scene.
 - Measures: tail-class IoU (mean IoU over the rare classes, from semseg's iou_per_class) and Δm against
   the ablation's single-task means (trained on the default split: one reference for both splits).
@@ -33,7 +33,7 @@ How it is tested here [ours]:
   − default split (tail IoU, Δm); per ETF variant, variant − kem on the imbalanced split (tail IoU, Δm,
   stability) and the variant's drop − kem's drop (imbalanced − default; the paper's "sensitivity").
 
-Writes results/imbalance.json/.md/.png from the imbalance and ablation records alone (`report`).
+Writes research/results/imbalance.json/.md/.png from the imbalance and ablation records alone (`report`).
 
 Letters: B batch, I fixed val images, N tokens (all tasks), L slots, k selected tokens per slot.
 
@@ -64,9 +64,9 @@ import synthetic
 import train
 import train_support
 from kem_mtl import resolve_topk
-from studies import ablation, runner
-from studies.stats import COLUMNS, RULE, bounded_interval, ci, family, family_note, paired, t_interval
-from studies.stats import row as table_row
+from research import ablation, runner
+from research.stats import COLUMNS, RULE, bounded_interval, ci, family, family_note, paired, t_interval
+from research.stats import row as table_row
 
 ROWS = ("kem", "kem+etf features", "kem+etf slots", "kem+etf both")    # the ablation's rows, kem first
 RARE = ("ball", "cylinder")          # the rare classes by default: the free-standing ones a box can replace
@@ -249,13 +249,13 @@ def stability(run_dir):
 # --- the hidden command: a train.py process on the imbalanced split, the selection followed -------
 
 def imbalance_script(rule, images=STABILITY_IMAGES):
-    """The script part of a run: `experiments.py _imbalance ... --` before the train.py flags."""
-    return ("experiments.py", "_imbalance", "--rare", ",".join(rule.classes), "--keep", f"{rule.keep:g}",
+    """The script part of a run: `python -m research _imbalance ... --` before the train.py flags."""
+    return ("research", "_imbalance", "--rare", ",".join(rule.classes), "--keep", f"{rule.keep:g}",
             "--stability-images", str(images), "--")
 
 
 def parse_rule(argv):
-    p = argparse.ArgumentParser(prog="experiments.py _imbalance")
+    p = argparse.ArgumentParser(prog="python -m research _imbalance")
     p.add_argument("--rare", default=",".join(RARE), help="comma list of the rare classes")
     p.add_argument("--keep", type=float, default=KEEP, help="probability that a rare object is kept")
     p.add_argument("--stability-images", type=int, default=STABILITY_IMAGES)
@@ -267,7 +267,7 @@ def parse_rule(argv):
 
 
 def train_imbalanced(argv):
-    """`experiments.py _imbalance --rare ball,cylinder --keep 0.1 -- <train.py flags>`: train.py on the
+    """`python -m research _imbalance --rare ball,cylinder --keep 0.1 -- <train.py flags>`: train.py on the
     imbalanced training split, the slots' top-k sets saved at every evaluation. Returns train.py's exit code."""
     own, rest = runner.split_extra(argv)
     rule, images = parse_rule(own)
@@ -277,7 +277,7 @@ def train_imbalanced(argv):
 # --- the experiment: options and plan -------------------------------------------------------------
 
 def main(argv):
-    """`python experiments.py imbalance [options] [-- train.py flags]`."""
+    """`python -m research imbalance [options] [-- train.py flags]`."""
     p = runner.parser("imbalance", "KEM and its ETF variants trained on an imbalanced split of SyntheticRooms "
                                    "(rare classes kept with probability --keep): tail-class IoU, Δm and the "
                                    "selection's stability, against the ablation's runs on the default split.")
@@ -381,8 +381,8 @@ def comparisons(by):
     return family(FAMILY, [c for c in out if c["n"]])                 # pairs with no seeds are left out
 
 
-def report(results, tasks, command="python experiments.py imbalance"):
-    """results/imbalance.json/.md/.png from the imbalance records and the ablation's records alone."""
+def report(results, tasks, command="python -m research imbalance"):
+    """research/results/imbalance.json/.md/.png from the imbalance records and the ablation's records alone."""
     results = Path(results)
     imb = runner.load_records(results, "imbalance")
     if not imb:
@@ -450,6 +450,11 @@ def _mean(by_seed):
     return f"{np.mean(list(by_seed.values())):.3f}" if by_seed else "—"
 
 
+def transition(stabs, a, b):
+    """{seed: the Jaccard of the evaluations a -> b} from each seed's stability record."""
+    return {s: c["jaccard"] for s, st in stabs.items() for c in st["consecutive"] if (c["from"], c["to"]) == (a, b)}
+
+
 def stability_curve(records):
     """Per row: the Jaccard between consecutive evaluations, per transition, over seeds; and its table lines."""
     curve = {}
@@ -460,9 +465,7 @@ def stability_curve(records):
         first = next(iter(stabs.values()))
         steps = [(c["from"], c["to"]) for c in first["consecutive"]]
         curve[row] = {"images": first["images"], "k": first["k"], "N": first["N"], "chance": first["chance"],
-                      "transitions": [{"from": a, "to": b, "per_seed": {s: c["jaccard"] for s, st in stabs.items()
-                                                                         for c in st["consecutive"] if (c["from"], c["to"]) == (a, b)}}
-                                      for a, b in steps]}
+                      "transitions": [{"from": a, "to": b, "per_seed": transition(stabs, a, b)} for a, b in steps]}
         for t in curve[row]["transitions"]:
             t.update(t_interval(list(t["per_seed"].values())))
     steps = sorted({(t["from"], t["to"]) for c in curve.values() for t in c["transitions"]})
@@ -470,7 +473,8 @@ def stability_curve(records):
              "|---|---:|---:|" + "---|" * len(steps)]
     for row, c in curve.items():
         cells = {(t["from"], t["to"]): ci(t, 3, "") for t in c["transitions"]}
-        lines.append(f"| {row} | {c['k']} / {c['N']} | {c['chance']:.3f} | " + " | ".join(cells.get(s, "—") for s in steps) + " |")
+        lines.append(f"| {row} | {c['k']} / {c['N']} | {c['chance']:.3f} | "
+                     + " | ".join(cells.get(s, "—") for s in steps) + " |")
     return curve, lines
 
 
