@@ -71,7 +71,8 @@ COMMON = dict(exchange="kem", etf="none", num_slots=16, topk=0.25, topk_mode="ma
 
 
 # --- the task table ---------------------------------------------------------------------------
-# Everything train.py knows about a task, in one row: adding a task means adding a row.
+# Everything train.py knows about a task, in one row: adding a task means adding a row. The draw
+# functions are train_support's last section, "pictures".
 
 def _per_image_mean(loss_map, valid):
     """Mean over each image's valid pixels, then over the batch (images with none count as 0)."""
