@@ -255,11 +255,32 @@ def resolve_config(args, given):
 
 # --- devices, model and optimiser --------------------------------------------------------------
 
+# The first PyTorch that autocasts a device to each type, where older ones do not (CUDA and CPU: all we support).
+AUTOCAST_SINCE = {("mps", "fp16"): "2.5", ("mps", "bf16"): "2.6 (on macOS 14 or later)"}
+
+
 def precision(amp, device):
-    """The autocast context and the gradient scaler for a resolved --amp (support.resolve_amp) on `device`."""
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    return autocast, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    """The autocast context and the gradient scaler for a resolved --amp (support.resolve_amp) on `device`.
+    none: no autocast object at all (before 2.5, PyTorch refuses an MPS autocast even when it is disabled).
+    fp16 / bf16: a UsageError where the installed PyTorch cannot autocast the device to that type, whether it
+    refuses the device or would switch autocast off with a warning and silently train in fp32."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if amp == "none":
+        return contextlib.nullcontext(), scaler
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            autocast, reason = torch.autocast(device.type, dtype=dtype), None
+        except RuntimeError as error:
+            autocast, reason = None, str(error)
+    if autocast is not None and getattr(autocast, "_enabled", True):
+        return autocast, scaler
+    reason = " ".join((reason or " ".join(str(w.message) for w in caught) or "autocast switched itself off").split())
+    since = AUTOCAST_SINCE.get((device.type, amp))
+    raise UsageError(f"--amp {amp}: this PyTorch ({torch.__version__}) cannot autocast {device.type} to {dtype} "
+                     f"(it says: {reason})" + (f"; PyTorch {since} can" if since else "") + ". Use --amp none "
+                     f"(float32)" + (" or --amp fp16" if amp == "bf16" else "") + ", or a PyTorch that can")
 
 
 def build_model(cfg):
