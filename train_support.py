@@ -563,7 +563,9 @@ def restore_state(ckpt, path, model, optimizer, scheduler, scaler, procs, seed):
         seed_ranks(seed, procs)
         return 0, -math.inf
     load_weights(model, ckpt, path)
+    settings = kernel_settings(optimizer)              # this run's kernel, before the checkpoint's overwrites it
     optimizer.load_state_dict(ckpt["optimizer"])
+    match_kernels(optimizer, settings)
     match_layouts(optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
     load_scaler(scaler, ckpt["scaler"], procs)
@@ -584,6 +586,29 @@ def load_weights(model, ckpt, path):
                   "matrices, which this code cannot load; train the run again" if old else
                   str(error).split("\n\t")[0] + " (" + "; ".join(str(error).split("\n\t")[1:3])[:300] + ")")
         raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
+
+
+KERNEL_KEYS = ("fused", "foreach", "capturable")     # which implementation an optimizer's step runs
+
+
+def kernel_settings(optimizer):
+    """Each param group's kernel settings, as this run built them (build_optimizer: fused where the device has it)."""
+    return [{k: group[k] for k in KERNEL_KEYS if k in group} for group in optimizer.param_groups]
+
+
+def match_kernels(optimizer, settings):
+    """The kernel this run built, not the checkpoint's. load_state_dict restores each group's fused / foreach /
+    capturable from the file: a checkpoint of an unfused optimizer (MPS) resumed where it is fused would keep
+    the unfused step, which rejects the scaler's inf flag that fp16 hands the fused one (an AssertionError at
+    the first step), and elsewhere would run the slower kernel. Each `step` then takes the form that kernel
+    expects: a float32 tensor on the parameter's device for fused and capturable, a CPU tensor otherwise."""
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step.to("cpu")
 
 
 def match_layouts(optimizer):
