@@ -447,7 +447,7 @@ def start(cfg, hooks):
     precision, and the seeded network (as hooks.model leaves it) on its device."""
     procs = support.setup_processes(cfg)                # data and weights checked before any collective
     baselines = support.load_baselines(cfg["baselines"], cfg) if cfg["baselines"] else None
-    cfg["amp_resolved"] = support.resolve_amp(cfg["amp"], procs.device)    # into config.json
+    cfg["amp_resolved"] = support.agree_amp(cfg["amp"], procs)     # the same in every process; into config.json
     autocast, scaler = precision(cfg["amp_resolved"], procs.device)
     support.seed_everything(cfg["seed"])                # the same initial weights in every process
     model = build_model(cfg)

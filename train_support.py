@@ -253,6 +253,27 @@ def resolve_amp(amp, device, capability=None):
     return "bf16" if major >= 8 else "fp16"
 
 
+def agree_amp(amp, procs):
+    """resolve_amp for every process at once: DDP averages every process's gradients, so all must train in
+    one precision (an fp16 process scales its gradients, a bf16 one does not; only fp16 ones skip steps on
+    overflow). Each process resolves its own, and the lowest choice (none < fp16 < bf16) holds for all: for
+    --amp auto on mixed GPUs, what the least capable one supports. Explicit --amp values that differ
+    between processes (nodes started with other flags) are refused."""
+    everyone = [(amp, resolve_amp(amp, procs.device))]
+    if procs.distributed:
+        everyone = [None] * procs.world
+        dist.all_gather_object(everyone, (amp, resolve_amp(amp, procs.device)))
+    if len({flag for flag, _ in everyone}) > 1:
+        raise UsageError("the processes were started with different --amp: " + ", ".join(
+            f"rank {rank} --amp {flag}" for rank, (flag, _) in enumerate(everyone))
+            + "; give every node the same --amp (or none: auto agrees on what every GPU supports)")
+    agreed = min((choice for _, choice in everyone), key=("none", "fp16", "bf16").index)
+    if procs.master and any(choice != agreed for _, choice in everyone):
+        print("note: the GPUs differ (" + ", ".join(f"rank {r} {c}" for r, (_, c) in enumerate(everyone))
+              + f"); every process trains in {agreed}, which all of them support", flush=True)
+    return agreed
+
+
 def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
