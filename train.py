@@ -203,7 +203,9 @@ def parse_args(argv):
     g.add_argument("--out-dir", help="default runs/<dataset>-<exchange>-<timestamp>")
     g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
     g.add_argument("--log-interval", type=int, help="print a log line every this many steps")
-    g.add_argument("--resume", metavar="PATH", help="a run directory or its ckpt.pt: continue it exactly")
+    g.add_argument("--resume", metavar="PATH",
+                   help="a run directory or its ckpt.pt: continue it exactly (under torchrun with another number "
+                        "of processes: after the images already seen, with the new batch x accum x processes)")
     g.add_argument("--eval-only", action="store_true", default=None, help="evaluate --ckpt on the val split and stop")
     g.add_argument("--ckpt", metavar="PATH", help="checkpoint for --eval-only")
     g.add_argument("--baselines", metavar="DIR", help="folder of single-task runs: report Δm against them")
@@ -481,9 +483,11 @@ def run(cfg, ckpt_path=None, hooks=None):
     if procs.distributed:
         model = data_parallel(model, procs.device)
 
-    # -- data: this process's share of every batch
+    # -- data: this process's share of every batch, the stream continuing after the images already seen
     batch_size = procs.share(cfg["batch_size"])
-    val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_iter, hooks)
+    step_images = batch_size * cfg["accum"] * procs.world
+    start_images = support.stream_start(ckpt, step_images, procs)
+    val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_images, hooks)
     out_dir = cfg["out_dir"]
     metrics_path, recorded = support.start_outputs(cfg, procs, start_iter, {
         "world_size": procs.world, "torch": torch.__version__, "parameters": num_params})
@@ -496,7 +500,6 @@ def run(cfg, ckpt_path=None, hooks=None):
         + (f"; resuming at iteration {start_iter}" if start_iter else ""), flush=True)
 
     # -- the loop: a step; every log_interval a log line; every eval_interval a checkpoint, then an evaluation
-    step_images = batch_size * cfg["accum"] * procs.world
     running = {t: torch.zeros((), device=procs.device) for t in cfg["tasks"]}
     window_start, window_iters, train_images, train_seconds, last = time.time(), 0, 0, 0.0, None
     pending = ckpt is not None and recorded is None     # a checkpoint whose evaluation never finished: evaluate first
@@ -519,7 +522,8 @@ def run(cfg, ckpt_path=None, hooks=None):
             running = {t: torch.zeros((), device=procs.device) for t in cfg["tasks"]}
             window_start, window_iters = time.time(), 0
         if evaluating:                  # the checkpoint first: a failed evaluation loses no training
-            state = support.checkpoint_state(raw_model, optimizer, scheduler, scaler, done, best_score, cfg, procs)
+            state = support.checkpoint_state(raw_model, optimizer, scheduler, scaler, done, best_score, cfg, procs,
+                                             start_images + (done - start_iter) * step_images, step_images)
             if procs.master:
                 support.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
             final = done == cfg["max_iters"]

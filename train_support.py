@@ -378,10 +378,10 @@ def load_baselines(folder, cfg):
 
 # --- data: a resumable, sharded stream ------------------------------------------------------------
 
-def make_loaders(cfg, procs, batch_size, start_iter, hooks=None):
+def make_loaders(cfg, procs, batch_size, start_images, hooks=None):
     """(val loader: this process's share of the val split; train batches: an endless iterator, or None
-    for --eval-only, and the sizes of both splits). The train stream starts where iteration start_iter
-    left it. The datasets are the parent's (procs.data) when our own parent built them. Each loader has its
+    for --eval-only, and the sizes of both splits). The train stream starts after the first start_images
+    images of the stream (stream_start: those the checkpoint's steps consumed). The datasets are the parent's (procs.data) when our own parent built them. Each loader has its
     own generator (for its workers' base seed, which every sample's SeededSamples seed overrides) and so
     draws nothing from the global RNG that dropout uses: a checkpoint's RNG state is that of the next step."""
     workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
@@ -393,13 +393,30 @@ def make_loaders(cfg, procs, batch_size, start_iter, hooks=None):
     if cfg["eval_only"]:
         return val_loader, None, len(val_set), 0
     train_set = data["train"]
-    step_images = batch_size * cfg["accum"] * procs.world
-    sampler = StreamSampler(len(train_set), cfg["seed"], start_iter * step_images, procs.rank, procs.world)
+    sampler = StreamSampler(len(train_set), cfg["seed"], start_images, procs.rank, procs.world)
     train_loader = torch.utils.data.DataLoader(
         SeededSamples(train_set, cfg["seed"]), batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0, drop_last=True,
         generator=torch.Generator())
     return val_loader, iter(train_loader), len(val_set), len(train_set)
+
+
+def stream_start(ckpt, step_images, procs):
+    """Where a run's train stream starts: after the images its checkpoint's steps consumed (0 for a new run).
+    A checkpoint records them (images_seen) with the images per step it was trained with; when this run takes
+    another number per step (batch x accum x processes: torchrun with another number of processes; our own
+    --procs split one batch and keep it), the stream continues without gap or repeat and the run says so.
+    A checkpoint from before images were recorded assumes this run's step, as such runs did."""
+    if ckpt is None:
+        return 0
+    if "images_seen" not in ckpt:
+        return ckpt["iteration"] * step_images
+    if ckpt["step_images"] != step_images and procs.master:
+        print(f"note: the checkpoint was trained with {ckpt['step_images']} images per step ({ckpt['world_size']} "
+              f"process(es)), now {step_images} ({procs.world}): the data stream continues after the "
+              f"{ckpt['images_seen']} images already seen, the learning-rate schedule by iteration, not "
+              f"rescaled", flush=True)
+    return ckpt["images_seen"]
 
 
 def loader_workers(cfg, procs):
@@ -539,15 +556,17 @@ def config_differences(saved, cfg, keys, defaults):
     return [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs):
+def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs, images_seen, step_images):
     """What --resume needs to continue after iteration `done`: called by every process (each adds its RNG
     states), returned on process 0 (None elsewhere). best_score: the best of the evaluations before `done`
-    (the checkpoint is written before its own)."""
+    (the checkpoint is written before its own). images_seen: images the stream gave out in the steps up to
+    `done`; step_images: images per step now (stream_start reads both, with the world size)."""
     rng = rng_states(procs)
     if not procs.master:
         return None
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg}
+            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg,
+            "images_seen": images_seen, "world_size": procs.world, "step_images": step_images}
 
 
 def save_checkpoint(path, state):
