@@ -65,7 +65,7 @@ PRESETS = {
 
 COMMON = dict(exchange="kem", etf="none", num_slots=16, topk=0.25, topk_mode="mask", freeze_backbone=False, accum=1,
               seed=0, device="auto", amp="auto", compile=False, poly_power=0.9, download=True, workers=None,
-              procs="auto", channels_last=False,
+              procs="auto", channels_last=False, dist_timeout=120,
               data_seed=0)  # which scenes SyntheticRooms draws (--data-seed): 0 unless a run sets it
 
 
@@ -195,6 +195,9 @@ def parse_args(argv):
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision; auto = bf16 on GPUs with native bf16 (compute capability >= 8), else fp16 "
                         "with a scaler; none on CPUs (the start-up line says which)")
+    g.add_argument("--dist-timeout", type=support.minutes, metavar="MINUTES",
+                   help="several processes: how long one waits for the others, first while each node prepares its "
+                        "data (a download of several GB), then in every collective (default 120)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (slow start, faster steps); evaluation runs uncompiled")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,

@@ -83,6 +83,15 @@ def procs_count(text):
     return int(text)
 
 
+def minutes(text):
+    try:
+        value = float(text)
+        assert value > 0
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, e.g. 120, got {text!r}")
+    return value
+
+
 def as_flags(message, flags):
     """A module's ValueError in the words of the command line, for the parameters that are flags:
     `num_slots` -> `--num-slots`, `exchange='kem'` -> `--exchange kem`, `pretrained=False` -> `--no-pretrained`."""
@@ -224,13 +233,17 @@ def _local_proc(target, cfg, ckpt_path, hooks, rank, world, port, threads, error
 
 def setup_processes(cfg):
     """This process's rank, the world and its device; its inputs checked (before any collective: see
-    prepare_inputs); joins the process group when there are several."""
+    prepare_inputs); joins the process group when there are several. The group waits --dist-timeout
+    minutes for a process (torch's default is 10 for NCCL, 30 for gloo): the nodes of a multi-node run
+    prepare their data at their own pace, and those that finish first wait for the others in
+    init_process_group and the first collective."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
     if not _OWN:                                         # our own processes: their parent checked before starting them
         prepare_inputs(cfg)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=cfg["dist_timeout"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True     # TF32 matmuls: ~8x faster on Ampere+, ample precision
@@ -507,7 +520,8 @@ def collate(samples):
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
 # amp and channels_last among them: a run may continue on another device, in the precision and layout that fit it.
 RESUMABLE = {"out_dir", "resume", "device", "workers", "log_interval", "eval_interval", "data_dir", "download",
-             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last"}
+             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last",
+             "dist_timeout"}
 
 # Settings that define the network: taken from the checkpoint by --eval-only.
 MODEL_KEYS = ("dataset", "tasks", "backbone", "exchange", "etf", "dim", "num_slots", "topk", "topk_mode",
