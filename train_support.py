@@ -27,6 +27,7 @@ and two cores badly, so two one-thread processes train faster than one two-threa
 GPU, each with a whole batch.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -40,6 +41,7 @@ import sys
 import threading
 import time
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -365,8 +367,88 @@ def prepare_inputs(cfg):
     except OSError:                                      # a read-only data root: nothing can be written there anyway
         return check_inputs(cfg)
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                 # released when the file closes, or the process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file closes, or the process dies
+        except OSError:                                  # flock disabled (some Lustre and NFS mounts)
+            with exclusive_lock(root / ".prepare.lock.held"):
+                return check_inputs(cfg)
         check_inputs(cfg)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, stale_after=600.0, poll=1.0):
+    """prepare_inputs' lock where flock is disabled: the file `path`, created exclusively (O_EXCL: atomic on
+    local disks, NFS v3+ and Lustre), holding "<host> <pid>", touched every stale_after / 4 seconds while
+    held and removed on release. A waiting process takes it over when it is stale: its holder, a process of
+    this host, is gone, or nobody has touched it for stale_after seconds (a holder on another host that died).
+
+    Notes: two processes that find the same stale file at the same moment may both take it over (the window
+    is one rename); a holder whose host's clock runs far behind the file server's may look stale."""
+    path, me = Path(path), f"{socket.gethostname()} {os.getpid()}"
+    told = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None:                           # released meanwhile: try again
+                continue
+            if _stale(path, holder, stale_after):
+                with contextlib.suppress(FileNotFoundError):         # set aside, then removed: one remover wins
+                    aside = path.with_name(f"{path.name}.stale.{me.replace(' ', '-')}")
+                    os.replace(path, aside)
+                    os.unlink(aside)
+                continue
+            if not told:
+                print(f"waiting for {' '.join(holder or ['another process'])} to prepare the data ({path}; if no "
+                      f"such process runs, delete that file)", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(poll)
+    with os.fdopen(fd, "w") as f:
+        f.write(me + "\n")
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(stale_after / 4):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if _lock_holder(path) == me.split():
+                path.unlink()
+
+
+def _lock_holder(path):
+    """[host, pid] from a lock file, [] while its holder has not written yet, None if it is gone."""
+    try:
+        return path.read_text().split()[:2]
+    except FileNotFoundError:
+        return None
+
+
+def _stale(path, holder, stale_after):
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > stale_after:
+        return True
+    if len(holder) < 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
+        return False
+    try:
+        os.kill(int(holder[1]), 0)                       # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:                                      # exists, but is another user's
+        pass
+    return False
 
 
 def load_baselines(folder, cfg):
