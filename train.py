@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -583,16 +584,18 @@ def finish(procs, record):
 
 def cli(argv=None, hooks=None):
     """main() with bad input reported as one paragraph and a non-zero exit code, no traceback."""
-    quiet = int(os.environ.get("RANK", "0")) != 0         # several processes: only rank 0 speaks
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # Under torchrun every process that stops says why, under its rank and host: nodes can fail differently
+    # (a --resume path on one node only), and a silent one leaves the others waiting in a collective.
+    who = f"[rank {rank}/{world} on {socket.gethostname()}] " if world > 1 else ""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"   # one line, no source
     try:
         main(argv, hooks)
     except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError, RunStopped) as error:
-        if not quiet:
-            print(f"error: {error}", file=sys.stderr)
+        print(f"{who}error: {error}", file=sys.stderr, flush=True)
         return 1 if isinstance(error, (FloatingPointError, RunStopped)) else 2
     except KeyboardInterrupt:
-        if not quiet:
+        if rank == 0:                                   # Ctrl-C reaches every process: one notice is enough
             print("interrupted; continue with --resume <out-dir> (the last checkpoint is intact)", file=sys.stderr)
         return 130
     return 0
