@@ -300,7 +300,8 @@ def build_model(cfg):
 
 def data_parallel(model, device):
     """The model for one of several processes: DDP averages its gradients over them during backward
-    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out)."""
+    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out, as long
+    as they are zeroed rather than set to None between steps: train_step)."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
@@ -349,7 +350,9 @@ def train_step(model, batches, cfg, procs, autocast, scaler, optimizer, schedule
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     scaler.step(optimizer)          # fp16: the fused step reads the scaler's inf flag on the device (no host sync)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP the gradients are views of its buckets: zeroing them keeps them there, while None would leave
+    # DDP's reducer to copy every new gradient into its bucket. Alone, None saves the zeroing.
+    optimizer.zero_grad(set_to_none=not procs.distributed)
     scheduler.step()
 
 
