@@ -776,6 +776,8 @@ def rng_states(procs):
               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():               # dropout on a Mac draws from the MPS generator
+        states["mps"] = torch.mps.get_rng_state()
     if not procs.distributed:
         return [states]
     gathered = [None] * procs.world if procs.master else None
@@ -791,6 +793,8 @@ def set_rng_states(states):
     if "cuda" in states and torch.cuda.is_available():          # the GPUs that exist here, of those saved
         for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, index)
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
 
 
 def seed_ranks(seed, procs, saved=None):
