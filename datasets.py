@@ -41,9 +41,10 @@ Inside it, under either name its packagers use (first listed wins when both exis
 ``prepare_dataset`` downloads only when the tree is absent (``.part`` file, checksum when recorded,
 atomic rename), extracts safely into a temporary sibling and renames it into place after validation:
 no half-written trees. Its downloads are named per host and process, and a valid tree that another
-process put in place first counts, so nodes that share a data root but no lock cannot break each other. Offline it raises a ``DatasetError`` saying what to fetch, where to put it
-(naming every accepted folder), and that ``--dataset synthetic`` needs no download; it never falls
-back silently to other data.
+process put in place first counts, so nodes that share a data root but no lock cannot break each
+other. Offline it raises a ``DatasetError`` saying what to fetch, where to put it (naming every
+accepted folder), and that ``--dataset synthetic`` needs no download; it never falls back silently
+to other data.
 
 Imports: torch, numpy, PIL and (inside functions) scipy; no project module at import time. The
 synthetic dataset (``build_dataset("synthetic", ...)``, ``task_channels`` / ``class_names`` of
@@ -669,7 +670,7 @@ def prepare_dataset(name: str, root=None, *, download_ok: bool = True, url=None,
         return present[0]
     archive = data_root / src["archive"]
     fetched = not archive.is_file()
-    if fetched:     # named per host and process: nodes sharing the data root but not a lock never touch each other's
+    if fetched:     # named per host and process: nodes that share the data root but no lock keep apart
         archive = data_root / f"{src['archive']}.{socket.gethostname()}-{os.getpid()}"
     try:
         if fetched:

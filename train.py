@@ -195,10 +195,11 @@ def parse_args(argv):
                         "one per core); 1 = one process using every core")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision; auto = bf16 on GPUs with native bf16 (compute capability >= 8), else fp16 "
-                        "with a scaler; none on CPUs (the start-up line says which)")
+                        "with a scaler (several GPUs: what every one supports); none on CPUs and Macs (the start-up "
+                        "line says which)")
     g.add_argument("--dist-timeout", type=support.minutes, metavar="MINUTES",
                    help="several processes: how long one waits for the others, first while each node prepares its "
-                        "data (a download of several GB), then in every collective (default 120)")
+                        f"data (a download of several GB), then in every collective (default {COMMON['dist_timeout']})")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (slow start, faster steps); evaluation runs uncompiled")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
@@ -281,6 +282,8 @@ def precision(amp, device):
         except RuntimeError as error:
             autocast, reason = None, str(error)
     if autocast is not None and getattr(autocast, "_enabled", True):
+        for w in caught:                                # warnings that did not switch it off: passed on
+            warnings.warn(w.message, w.category)
         return autocast, scaler
     reason = " ".join((reason or " ".join(str(w.message) for w in caught) or "autocast switched itself off").split())
     since = AUTOCAST_SINCE.get((device.type, amp))
@@ -351,7 +354,7 @@ def train_step(model, batches, cfg, procs, autocast, scaler, optimizer, schedule
     scaler.step(optimizer)          # fp16: the fused step reads the scaler's inf flag on the device (no host sync)
     scaler.update()
     # Under DDP the gradients are views of its buckets: zeroing them keeps them there, while None would leave
-    # DDP's reducer to copy every new gradient into its bucket. Alone, None saves the zeroing.
+    # DDP's reducer to copy every new gradient into its bucket. A single process has nothing to zero: None.
     optimizer.zero_grad(set_to_none=not procs.distributed)
     scheduler.step()
 

@@ -15,7 +15,7 @@ Reproducibility, in three pieces (the data stream and checkpoints live here, the
 - losses are per-image means averaged over the batch, and the network normalises per image
   (GroupNorm), so N processes with batch b compute what one process computes with batch N b
   (up to float rounding);
-- checkpoints hold model, optimiser, scheduler, scaler, iteration and every process's RNG states
+- checkpoints hold model, optimiser, scheduler, scaler, iteration, the images seen and every process's RNG states
   (each process draws its own dropout), written before each evaluation to a temporary file and
   renamed, so `--resume` continues a run exactly (evaluating first if that evaluation never
   finished) and a crash never leaves a half-written checkpoint.
@@ -475,10 +475,11 @@ def load_baselines(folder, cfg):
 
 def make_loaders(cfg, procs, batch_size, start_images, hooks=None):
     """(val loader: this process's share of the val split; train batches: an endless iterator, or None
-    for --eval-only, and the sizes of both splits). The train stream starts after the first start_images
-    images of the stream (stream_start: those the checkpoint's steps consumed). The datasets are the parent's (procs.data) when our own parent built them. Each loader has its
-    own generator (for its workers' base seed, which every sample's SeededSamples seed overrides) and so
-    draws nothing from the global RNG that dropout uses: a checkpoint's RNG state is that of the next step."""
+    for --eval-only, and the sizes of both splits). The train stream starts after its first start_images
+    images (stream_start: those the checkpoint's steps consumed). The datasets are the parent's
+    (procs.data) when our own parent built them. Each loader has its own generator (for its workers' base
+    seed, which every sample's SeededSamples seed overrides) and so draws nothing from the global RNG that
+    dropout uses: a checkpoint's RNG state is that of the next step."""
     workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
     data = procs.data or build_all_data(cfg, hooks=hooks)
     val_set = data["val"]
@@ -742,9 +743,10 @@ def match_kernels(optimizer, settings):
         group.update(own)
         on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
-            step = optimizer.state.get(p, {}).get("step")
-            if torch.is_tensor(step):
-                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step.to("cpu")
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                step = state["step"]
+                state["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step.to("cpu")
 
 
 def match_layouts(optimizer):
