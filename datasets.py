@@ -40,9 +40,11 @@ Inside it, under either name its packagers use (first listed wins when both exis
            semseg/{VOC12,pascal-context}, human_parts, normals_distill and sal_distill.
 ``prepare_dataset`` downloads only when the tree is absent (``.part`` file, checksum when recorded,
 atomic rename), extracts safely into a temporary sibling and renames it into place after validation:
-no half-written trees. Offline it raises a ``DatasetError`` saying what to fetch, where to put it
-(naming every accepted folder), and that ``--dataset synthetic`` needs no download; it never falls
-back silently to other data.
+no half-written trees. Its downloads are named per host and process, and a valid tree that another
+process put in place first counts, so nodes that share a data root but no lock cannot break each
+other. Offline it raises a ``DatasetError`` saying what to fetch, where to put it (naming every
+accepted folder), and that ``--dataset synthetic`` needs no download; it never falls back silently
+to other data.
 
 Imports: torch, numpy, PIL and (inside functions) scipy; no project module at import time. The
 synthetic dataset (``build_dataset("synthetic", ...)``, ``task_channels`` / ``class_names`` of
@@ -82,6 +84,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
@@ -667,6 +670,8 @@ def prepare_dataset(name: str, root=None, *, download_ok: bool = True, url=None,
         return present[0]
     archive = data_root / src["archive"]
     fetched = not archive.is_file()
+    if fetched:     # named per host and process: nodes that share the data root but no lock keep apart
+        archive = data_root / f"{src['archive']}.{socket.gethostname()}-{os.getpid()}"
     try:
         if fetched:
             if not download_ok:
@@ -683,8 +688,13 @@ def prepare_dataset(name: str, root=None, *, download_ok: bool = True, url=None,
             validate_tree(name, tree, full=True)
             is_c = name == "nyud" and NYUD(tree, "train", tasks="semseg").packaging == "C"
             final = data_root / src["dirs"][1 if is_c else 0]
-            with _reading(final, "a free place for the extracted tree"):
+            try:
                 os.replace(tree, final)                             # atomic: the tree appears complete
+            except OSError:
+                if not final.is_dir():
+                    with _reading(final, "a free place for the extracted tree"):
+                        raise
+                validate_tree(name, final)      # another node sharing the data root was first: its valid tree counts
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except DatasetError as e:

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import socket
 import sys
 import time
 import warnings
@@ -66,7 +67,7 @@ PRESETS = {
 
 COMMON = dict(exchange="kem", etf="none", num_slots=16, topk=0.25, topk_mode="mask", freeze_backbone=False, accum=1,
               seed=0, device="auto", amp="auto", compile=False, poly_power=0.9, download=True, workers=None,
-              procs="auto", channels_last=False,
+              procs="auto", channels_last=False, dist_timeout=120,
               data_seed=0)  # which scenes SyntheticRooms draws (--data-seed): 0 unless a run sets it
 
 
@@ -196,7 +197,11 @@ def parse_args(argv):
                         "one per core); 1 = one process using every core")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"),
                    help="mixed precision; auto = bf16 on GPUs with native bf16 (compute capability >= 8), else fp16 "
-                        "with a scaler; none on CPUs (the start-up line says which)")
+                        "with a scaler (several GPUs: what every one supports); none on CPUs and Macs (the start-up "
+                        "line says which)")
+    g.add_argument("--dist-timeout", type=support.minutes, metavar="MINUTES",
+                   help="several processes: how long one waits for the others, first while each node prepares its "
+                        f"data (a download of several GB), then in every collective (default {COMMON['dist_timeout']})")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (slow start, faster steps); evaluation runs uncompiled")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
@@ -205,7 +210,9 @@ def parse_args(argv):
     g.add_argument("--out-dir", help="default runs/<dataset>-<exchange>-<timestamp>")
     g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
     g.add_argument("--log-interval", type=int, help="print a log line every this many steps")
-    g.add_argument("--resume", metavar="PATH", help="a run directory or its ckpt.pt: continue it exactly")
+    g.add_argument("--resume", metavar="PATH",
+                   help="a run directory or its ckpt.pt: continue it exactly (under torchrun with another number "
+                        "of processes: after the images already seen, with the new batch x accum x processes)")
     g.add_argument("--eval-only", action="store_true", default=None, help="evaluate --ckpt on the val split and stop")
     g.add_argument("--ckpt", metavar="PATH", help="checkpoint for --eval-only")
     g.add_argument("--baselines", metavar="DIR", help="folder of single-task runs: report Δm against them")
@@ -257,11 +264,34 @@ def resolve_config(args, given):
 
 # --- devices, model and optimiser --------------------------------------------------------------
 
+# The first PyTorch that autocasts a device to each type, where older ones do not (CUDA and CPU: all we support).
+AUTOCAST_SINCE = {("mps", "fp16"): "2.5", ("mps", "bf16"): "2.6 (on macOS 14 or later)"}
+
+
 def precision(amp, device):
-    """The autocast context and the gradient scaler for a resolved --amp (support.resolve_amp) on `device`."""
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    return autocast, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    """The autocast context and the gradient scaler for a resolved --amp (support.resolve_amp) on `device`.
+    none: no autocast object at all (before 2.5, PyTorch refuses an MPS autocast even when it is disabled).
+    fp16 / bf16: a UsageError where the installed PyTorch cannot autocast the device to that type, whether it
+    refuses the device or would switch autocast off with a warning and silently train in fp32."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if amp == "none":
+        return contextlib.nullcontext(), scaler
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            autocast, reason = torch.autocast(device.type, dtype=dtype), None
+        except RuntimeError as error:
+            autocast, reason = None, str(error)
+    if autocast is not None and getattr(autocast, "_enabled", True):
+        for w in caught:                                # warnings that did not switch it off: passed on
+            warnings.warn(w.message, w.category)
+        return autocast, scaler
+    reason = " ".join((reason or " ".join(str(w.message) for w in caught) or "autocast switched itself off").split())
+    since = AUTOCAST_SINCE.get((device.type, amp))
+    raise UsageError(f"--amp {amp}: this PyTorch ({torch.__version__}) cannot autocast {device.type} to {dtype} "
+                     f"(it says: {reason})" + (f"; PyTorch {since} can" if since else "") + ". Use --amp none "
+                     f"(float32)" + (" or --amp fp16" if amp == "bf16" else "") + ", or a PyTorch that can")
 
 
 def build_model(cfg):
@@ -285,7 +315,8 @@ def load_trained(ckpt_path):
 
 def data_parallel(model, device):
     """The model for one of several processes: DDP averages its gradients over them during backward
-    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out)."""
+    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out, as long
+    as they are zeroed rather than set to None between steps: train_step)."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
@@ -334,7 +365,9 @@ def train_step(model, batches, cfg, procs, autocast, scaler, optimizer, schedule
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     scaler.step(optimizer)          # fp16: the fused step reads the scaler's inf flag on the device (no host sync)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP the gradients are views of its buckets: zeroing them keeps them there, while None would leave
+    # DDP's reducer to copy every new gradient into its bucket. A single process has nothing to zero: None.
+    optimizer.zero_grad(set_to_none=not procs.distributed)
     scheduler.step()
 
 
@@ -438,7 +471,7 @@ def start(cfg, hooks):
     precision, and the seeded network (as hooks.model leaves it) on its device."""
     procs = support.setup_processes(cfg)                # data and weights checked before any collective
     baselines = support.load_baselines(cfg["baselines"], cfg) if cfg["baselines"] else None
-    cfg["amp_resolved"] = support.resolve_amp(cfg["amp"], procs.device)    # into config.json
+    cfg["amp_resolved"] = support.agree_amp(cfg["amp"], procs)     # the same in every process; into config.json
     autocast, scaler = precision(cfg["amp_resolved"], procs.device)
     support.seed_everything(cfg["seed"])                # the same initial weights in every process
     model = build_model(cfg)
@@ -472,9 +505,11 @@ def run(cfg, ckpt_path=None, hooks=None):
     if procs.distributed:
         model = data_parallel(model, procs.device)
 
-    # -- data: this process's share of every batch
+    # -- data: this process's share of every batch, the stream continuing after the images already seen
     batch_size = procs.share(cfg["batch_size"])
-    val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_iter, hooks)
+    step_images = batch_size * cfg["accum"] * procs.world
+    start_images = support.stream_start(ckpt, step_images, procs)
+    val_loader, batches, num_val, num_train = support.make_loaders(cfg, procs, batch_size, start_images, hooks)
     out_dir = cfg["out_dir"]
     metrics_path, recorded = support.start_outputs(cfg, procs, start_iter, {
         "world_size": procs.world, "torch": torch.__version__, "parameters": num_params})
@@ -487,7 +522,6 @@ def run(cfg, ckpt_path=None, hooks=None):
         + (f"; resuming at iteration {start_iter}" if start_iter else ""), flush=True)
 
     # -- the loop: a step; every log_interval a log line; every eval_interval a checkpoint, then an evaluation
-    step_images = batch_size * cfg["accum"] * procs.world
     running = {t: torch.zeros((), device=procs.device) for t in cfg["tasks"]}
     window_start, window_iters, train_images, train_seconds, last = time.time(), 0, 0, 0.0, None
     pending = ckpt is not None and recorded is None     # a checkpoint whose evaluation never finished: evaluate first
@@ -510,7 +544,8 @@ def run(cfg, ckpt_path=None, hooks=None):
             running = {t: torch.zeros((), device=procs.device) for t in cfg["tasks"]}
             window_start, window_iters = time.time(), 0
         if evaluating:                  # the checkpoint first: a failed evaluation loses no training
-            state = support.checkpoint_state(raw_model, optimizer, scheduler, scaler, done, best_score, cfg, procs)
+            state = support.checkpoint_state(raw_model, optimizer, scheduler, scaler, done, best_score, cfg, procs,
+                                             start_images + (done - start_iter) * step_images, step_images)
             if procs.master:
                 support.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), state)
             final = done == cfg["max_iters"]
@@ -567,16 +602,18 @@ def finish(procs, record):
 
 def cli(argv=None, hooks=None):
     """main() with bad input reported as one paragraph and a non-zero exit code, no traceback."""
-    quiet = int(os.environ.get("RANK", "0")) != 0         # several processes: only rank 0 speaks
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # Under torchrun every process that stops says why, under its rank and host: nodes can fail differently
+    # (a --resume path on one node only), and a silent one leaves the others waiting in a collective.
+    who = f"[rank {rank}/{world} on {socket.gethostname()}] " if world > 1 else ""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"   # one line, no source
     try:
         main(argv, hooks)
     except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError, RunStopped) as error:
-        if not quiet:
-            print(f"error: {error}", file=sys.stderr)
+        print(f"{who}error: {error}", file=sys.stderr, flush=True)
         return 1 if isinstance(error, (FloatingPointError, RunStopped)) else 2
     except KeyboardInterrupt:
-        if not quiet:
+        if rank == 0:                                   # Ctrl-C reaches every process: one notice is enough
             print("interrupted; continue with --resume <out-dir> (the last checkpoint is intact)", file=sys.stderr)
         return 130
     return 0

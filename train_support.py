@@ -15,7 +15,7 @@ Reproducibility, in three pieces (the data stream and checkpoints live here, the
 - losses are per-image means averaged over the batch, and the network normalises per image
   (GroupNorm), so N processes with batch b compute what one process computes with batch N b
   (up to float rounding);
-- checkpoints hold model, optimiser, scheduler, scaler, iteration and every process's RNG states
+- checkpoints hold model, optimiser, scheduler, scaler, iteration, the images seen and every process's RNG states
   (each process draws its own dropout), written before each evaluation to a temporary file and
   renamed, so `--resume` continues a run exactly (evaluating first if that evaluation never
   finished) and a crash never leaves a half-written checkpoint.
@@ -27,6 +27,7 @@ and two cores badly, so two one-thread processes train faster than one two-threa
 GPU, each with a whole batch.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -40,6 +41,7 @@ import sys
 import threading
 import time
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,6 +83,15 @@ def procs_count(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
     return int(text)
+
+
+def minutes(text):
+    try:
+        value = float(text)
+        assert value > 0
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, e.g. 120, got {text!r}")
+    return value
 
 
 def as_flags(message, flags):
@@ -224,13 +235,17 @@ def _local_proc(target, cfg, ckpt_path, hooks, rank, world, port, threads, error
 
 def setup_processes(cfg):
     """This process's rank, the world and its device; its inputs checked (before any collective: see
-    prepare_inputs); joins the process group when there are several."""
+    prepare_inputs); joins the process group when there are several. The group waits --dist-timeout
+    minutes for a process (torch's default is 10 for NCCL, 30 for gloo): the nodes of a multi-node run
+    prepare their data at their own pace, and those that finish first wait for the others in
+    init_process_group and the first collective."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
     if not _OWN:                                         # our own processes: their parent checked before starting them
         prepare_inputs(cfg)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=cfg["dist_timeout"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True     # TF32 matmuls: ~8x faster on Ampere+, ample precision
@@ -251,6 +266,27 @@ def resolve_amp(amp, device, capability=None):
         return "none"
     major, _ = capability or torch.cuda.get_device_capability(device)
     return "bf16" if major >= 8 else "fp16"
+
+
+def agree_amp(amp, procs):
+    """resolve_amp for every process at once: DDP averages every process's gradients, so all must train in
+    one precision (an fp16 process scales its gradients, a bf16 one does not; only fp16 ones skip steps on
+    overflow). Each process resolves its own, and the lowest choice (none < fp16 < bf16) holds for all: for
+    --amp auto on mixed GPUs, what the least capable one supports. Explicit --amp values that differ
+    between processes (nodes started with other flags) are refused."""
+    everyone = [(amp, resolve_amp(amp, procs.device))]
+    if procs.distributed:
+        everyone = [None] * procs.world
+        dist.all_gather_object(everyone, (amp, resolve_amp(amp, procs.device)))
+    if len({flag for flag, _ in everyone}) > 1:
+        raise UsageError("the processes were started with different --amp: " + ", ".join(
+            f"rank {rank} --amp {flag}" for rank, (flag, _) in enumerate(everyone))
+            + "; give every node the same --amp (or none: auto agrees on what every GPU supports)")
+    agreed = min((choice for _, choice in everyone), key=("none", "fp16", "bf16").index)
+    if procs.master and any(choice != agreed for _, choice in everyone):
+        print("note: the GPUs differ (" + ", ".join(f"rank {r} {c}" for r, (_, c) in enumerate(everyone))
+              + f"); every process trains in {agreed}, which all of them support", flush=True)
+    return agreed
 
 
 def seed_everything(seed):
@@ -331,8 +367,88 @@ def prepare_inputs(cfg):
     except OSError:                                      # a read-only data root: nothing can be written there anyway
         return check_inputs(cfg)
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                 # released when the file closes, or the process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file closes, or the process dies
+        except OSError:                                  # flock disabled (some Lustre and NFS mounts)
+            with exclusive_lock(root / ".prepare.lock.held"):
+                return check_inputs(cfg)
         check_inputs(cfg)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, stale_after=600.0, poll=1.0):
+    """prepare_inputs' lock where flock is disabled: the file `path`, created exclusively (O_EXCL: atomic on
+    local disks, NFS v3+ and Lustre), holding "<host> <pid>", touched every stale_after / 4 seconds while
+    held and removed on release. A waiting process takes it over when it is stale: its holder, a process of
+    this host, is gone, or nobody has touched it for stale_after seconds (a holder on another host that died).
+
+    Notes: two processes that find the same stale file at the same moment may both take it over (the window
+    is one rename); a holder whose host's clock runs far behind the file server's may look stale."""
+    path, me = Path(path), f"{socket.gethostname()} {os.getpid()}"
+    told = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None:                           # released meanwhile: try again
+                continue
+            if _stale(path, holder, stale_after):
+                with contextlib.suppress(FileNotFoundError):         # set aside, then removed: one remover wins
+                    aside = path.with_name(f"{path.name}.stale.{me.replace(' ', '-')}")
+                    os.replace(path, aside)
+                    os.unlink(aside)
+                continue
+            if not told:
+                print(f"waiting for {' '.join(holder or ['another process'])} to prepare the data ({path}; if no "
+                      f"such process runs, delete that file)", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(poll)
+    with os.fdopen(fd, "w") as f:
+        f.write(me + "\n")
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(stale_after / 4):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            if _lock_holder(path) == me.split():
+                path.unlink()
+
+
+def _lock_holder(path):
+    """[host, pid] from a lock file, [] while its holder has not written yet, None if it is gone."""
+    try:
+        return path.read_text().split()[:2]
+    except FileNotFoundError:
+        return None
+
+
+def _stale(path, holder, stale_after):
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > stale_after:
+        return True
+    if len(holder) < 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
+        return False
+    try:
+        os.kill(int(holder[1]), 0)                       # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:                                      # exists, but is another user's
+        pass
+    return False
 
 
 def load_baselines(folder, cfg):
@@ -357,12 +473,13 @@ def load_baselines(folder, cfg):
 
 # --- data: a resumable, sharded stream ------------------------------------------------------------
 
-def make_loaders(cfg, procs, batch_size, start_iter, hooks=None):
+def make_loaders(cfg, procs, batch_size, start_images, hooks=None):
     """(val loader: this process's share of the val split; train batches: an endless iterator, or None
-    for --eval-only, and the sizes of both splits). The train stream starts where iteration start_iter
-    left it. The datasets are the parent's (procs.data) when our own parent built them. Each loader has its
-    own generator (for its workers' base seed, which every sample's SeededSamples seed overrides) and so
-    draws nothing from the global RNG that dropout uses: a checkpoint's RNG state is that of the next step."""
+    for --eval-only, and the sizes of both splits). The train stream starts after its first start_images
+    images (stream_start: those the checkpoint's steps consumed). The datasets are the parent's
+    (procs.data) when our own parent built them. Each loader has its own generator (for its workers' base
+    seed, which every sample's SeededSamples seed overrides) and so draws nothing from the global RNG that
+    dropout uses: a checkpoint's RNG state is that of the next step."""
     workers, pin = loader_workers(cfg, procs), procs.device.type == "cuda"   # pinned memory: async host->GPU copies
     data = procs.data or build_all_data(cfg, hooks=hooks)
     val_set = data["val"]
@@ -372,13 +489,30 @@ def make_loaders(cfg, procs, batch_size, start_iter, hooks=None):
     if cfg["eval_only"]:
         return val_loader, None, len(val_set), 0
     train_set = data["train"]
-    step_images = batch_size * cfg["accum"] * procs.world
-    sampler = StreamSampler(len(train_set), cfg["seed"], start_iter * step_images, procs.rank, procs.world)
+    sampler = StreamSampler(len(train_set), cfg["seed"], start_images, procs.rank, procs.world)
     train_loader = torch.utils.data.DataLoader(
         SeededSamples(train_set, cfg["seed"]), batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0, drop_last=True,
         generator=torch.Generator())
     return val_loader, iter(train_loader), len(val_set), len(train_set)
+
+
+def stream_start(ckpt, step_images, procs):
+    """Where a run's train stream starts: after the images its checkpoint's steps consumed (0 for a new run).
+    A checkpoint records them (images_seen) with the images per step it was trained with; when this run takes
+    another number per step (batch x accum x processes: torchrun with another number of processes; our own
+    --procs split one batch and keep it), the stream continues without gap or repeat and the run says so.
+    A checkpoint from before images were recorded assumes this run's step, as such runs did."""
+    if ckpt is None:
+        return 0
+    if "images_seen" not in ckpt:
+        return ckpt["iteration"] * step_images
+    if ckpt["step_images"] != step_images and procs.master:
+        print(f"note: the checkpoint was trained with {ckpt['step_images']} images per step ({ckpt['world_size']} "
+              f"process(es)), now {step_images} ({procs.world}): the data stream continues after the "
+              f"{ckpt['images_seen']} images already seen, the learning-rate schedule by iteration, not "
+              f"rescaled", flush=True)
+    return ckpt["images_seen"]
 
 
 def loader_workers(cfg, procs):
@@ -469,7 +603,8 @@ def collate(samples):
 # Settings that may change when a run is resumed; every other one must match the checkpoint.
 # amp and channels_last among them: a run may continue on another device, in the precision and layout that fit it.
 RESUMABLE = {"out_dir", "resume", "device", "workers", "log_interval", "eval_interval", "data_dir", "download",
-             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last"}
+             "compile", "baselines", "max_iters", "eval_only", "ckpt", "procs", "amp", "channels_last",
+             "dist_timeout"}
 
 # Settings that define the network: taken from the checkpoint by --eval-only.
 MODEL_KEYS = ("dataset", "tasks", "backbone", "exchange", "etf", "dim", "num_slots", "topk", "topk_mode",
@@ -518,15 +653,17 @@ def config_differences(saved, cfg, keys, defaults):
     return [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}" for k in keys if saved.get(k) != cfg.get(k)]
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs):
+def checkpoint_state(model, optimizer, scheduler, scaler, done, best_score, cfg, procs, images_seen, step_images):
     """What --resume needs to continue after iteration `done`: called by every process (each adds its RNG
     states), returned on process 0 (None elsewhere). best_score: the best of the evaluations before `done`
-    (the checkpoint is written before its own)."""
+    (the checkpoint is written before its own). images_seen: images the stream gave out in the steps up to
+    `done`; step_images: images per step now (stream_start reads both, with the world size)."""
     rng = rng_states(procs)
     if not procs.master:
         return None
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg}
+            "scaler": scaler.state_dict(), "iteration": done, "best_score": best_score, "rng": rng, "config": cfg,
+            "images_seen": images_seen, "world_size": procs.world, "step_images": step_images}
 
 
 def save_checkpoint(path, state):
@@ -563,7 +700,9 @@ def restore_state(ckpt, path, model, optimizer, scheduler, scaler, procs, seed):
         seed_ranks(seed, procs)
         return 0, -math.inf
     load_weights(model, ckpt, path)
+    settings = kernel_settings(optimizer)              # this run's kernel, before the checkpoint's overwrites it
     optimizer.load_state_dict(ckpt["optimizer"])
+    match_kernels(optimizer, settings)
     match_layouts(optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
     load_scaler(scaler, ckpt["scaler"], procs)
@@ -584,6 +723,30 @@ def load_weights(model, ckpt, path):
                   "matrices, which this code cannot load; train the run again" if old else
                   str(error).split("\n\t")[0] + " (" + "; ".join(str(error).split("\n\t")[1:3])[:300] + ")")
         raise UsageError(f"the checkpoint {path} does not fit the network it describes: {reason}") from None
+
+
+KERNEL_KEYS = ("fused", "foreach", "capturable")     # which implementation an optimizer's step runs
+
+
+def kernel_settings(optimizer):
+    """Each param group's kernel settings, as this run built them (build_optimizer: fused where the device has it)."""
+    return [{k: group[k] for k in KERNEL_KEYS if k in group} for group in optimizer.param_groups]
+
+
+def match_kernels(optimizer, settings):
+    """The kernel this run built, not the checkpoint's. load_state_dict restores each group's fused / foreach /
+    capturable from the file: a checkpoint of an unfused optimizer (MPS) resumed where it is fused would keep
+    the unfused step, which rejects the scaler's inf flag that fp16 hands the fused one (an AssertionError at
+    the first step), and elsewhere would run the slower kernel. Each `step` then takes the form that kernel
+    expects: a float32 tensor on the parameter's device for fused and capturable, a CPU tensor otherwise."""
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                step = state["step"]
+                state["step"] = step.to(device=p.device, dtype=torch.float32) if on_device else step.to("cpu")
 
 
 def match_layouts(optimizer):
@@ -615,6 +778,8 @@ def rng_states(procs):
               "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():               # dropout on a Mac draws from the MPS generator
+        states["mps"] = torch.mps.get_rng_state()
     if not procs.distributed:
         return [states]
     gathered = [None] * procs.world if procs.master else None
@@ -630,6 +795,8 @@ def set_rng_states(states):
     if "cuda" in states and torch.cuda.is_available():          # the GPUs that exist here, of those saved
         for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, index)
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
 
 
 def seed_ranks(seed, procs, saved=None):
