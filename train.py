@@ -347,7 +347,8 @@ def log_window(running, iters, seconds, step_images, cfg, procs, done):
 @torch.no_grad()
 def evaluate(model, loader, cfg, procs, autocast, exact_edges):
     """Metrics of every task over the whole val split (pooled over processes) and the first batch
-    with its outputs (for the picture). exact_edges: the exact (slow) or approximate edge metric."""
+    with its outputs (for the picture; None when this process's share is empty). exact_edges: the exact
+    (slow) or approximate edge metric."""
     model.eval()
     channels = datasets.task_channels(cfg["dataset"])
     # Exact edge matching on full-size real images is CPU work: spread it over worker processes when
@@ -373,14 +374,15 @@ def evaluate(model, loader, cfg, procs, autocast, exact_edges):
 
 
 def evaluate_and_record(model, loader, cfg, procs, autocast, it, exact, baselines):
-    """evaluate(), the picture of the first val images, the log line, and the record to keep."""
+    """evaluate(), the picture of the first val images, the log line, and the record to keep. A process
+    whose share of the val split is empty (fewer val images than processes) still takes part in the sums."""
     t0 = time.time()
-    results, (batch, predictions) = evaluate(model, loader, cfg, procs, autocast, exact)
+    results, first = evaluate(model, loader, cfg, procs, autocast, exact)
     record = {"kind": "eval", "iter": it, "exact_edges": exact, "metrics": results, "seconds": round(time.time() - t0, 2)}
     if baselines is not None and exact:
         record["delta_m"] = metrics.delta_m(results, baselines)
-    if procs.master:
-        support.save_picture(os.path.join(cfg["out_dir"], f"eval_{it:06d}.png"), batch, predictions, cfg,
+    if procs.master and first is not None:     # process 0 holds the first val image whenever there is one
+        support.save_picture(os.path.join(cfg["out_dir"], f"eval_{it:06d}.png"), *first, cfg,
                              {t: TASKS[t].draw for t in cfg["tasks"]})
         print("eval: " + support.summary(results, record.get("delta_m")), flush=True)
     return record
