@@ -273,7 +273,12 @@ def build_model(cfg):
 
 def data_parallel(model, device):
     """The model for one of several processes: DDP averages its gradients over them during backward
-    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out)."""
+    (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out).
+
+    PyTorch's "Grad strides do not match bucket view strides" warning is not shown: on a CPU, large
+    batches make the 1x1 convolutions return weight gradients whose strides differ only along their
+    size-1 dimensions (same memory layout, contiguous), which DDP's exact comparison reports."""
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
@@ -558,7 +563,7 @@ def finish(procs, record):
 def cli(argv=None, hooks=None):
     """main() with bad input reported as one paragraph and a non-zero exit code, no traceback."""
     quiet = int(os.environ.get("RANK", "0")) != 0         # several processes: only rank 0 speaks
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"   # one line, no source
+    support.show_warnings(int(os.environ.get("RANK", "0")))    # one line each, once per run, process 0 only
     try:
         main(argv, hooks)
     except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError, RunStopped) as error:

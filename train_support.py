@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import urllib.error
+import warnings
 
 import numpy as np
 import torch
@@ -81,6 +82,24 @@ def procs_count(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {text!r}")
     return int(text)
+
+
+_SHOWN = set()       # the warnings this run has printed (a forked process inherits the parent's)
+
+
+def show_warnings(rank):
+    """Warnings as a run prints them: by process 0 alone, each one line ("warning: ..."), each text once
+    per run, however many times and places it is raised (a dataset's split-size note comes from every
+    check of the tree; both DataLoaders warn about their workers)."""
+    if rank:
+        warnings.simplefilter("ignore")
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in _SHOWN:
+            _SHOWN.add(str(message))
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+    warnings.showwarning = show
 
 
 def as_flags(message, flags):
@@ -226,6 +245,7 @@ def setup_processes(cfg):
     """This process's rank, the world and its device; its inputs checked (before any collective: see
     prepare_inputs); joins the process group when there are several."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    show_warnings(rank)                                  # our own processes too: only process 0 speaks
     device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
     if not _OWN:                                         # our own processes: their parent checked before starting them
         prepare_inputs(cfg)
