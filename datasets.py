@@ -840,6 +840,28 @@ DEFAULT_SIZES = {"nyud": {"train": (448, 576), "eval": (480, 640)},
 DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}
 
 
+def check_options(name: str, *, size, num_samples=None, seed=0) -> None:
+    """ValueError (naming the argument, the value, what works) for options build_dataset refuses, without
+    reading a file or rendering a scene. size: the (h, w) crop or pad; num_samples, seed: as there."""
+    _check_name(name)
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (or None for the default), got {num_samples}")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (height, width) with positive entries, got {tuple(size)}")
+    if name == "synthetic":
+        from synthetic import SyntheticRooms  # its own rules: the smallest image, the seed
+        SyntheticRooms.check_options(num_samples or 1, size, seed)
+
+
+def cache_bytes(name: str, num_samples: int, size, tasks) -> int:
+    """The memory build_dataset(..., cache=True) holds for a split: SyntheticRooms' rendered scenes (the
+    real datasets are read from disk, sample by sample)."""
+    if name != "synthetic":
+        return 0
+    from synthetic import SyntheticRooms
+    return SyntheticRooms.cache_bytes(num_samples, size, tasks)
+
+
 def build_dataset(name: str, split: str, *, root=None, train=None, size=None, tasks=None,
                   download=True, num_samples=None, seed=0, cache=False, render_procs=1, edit_scene=None) -> Dataset:
     """A ready dataset for train.py.
@@ -862,13 +884,10 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
     _check_name(name)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 (or None for the default), got {num_samples}")
     tasks = _check_tasks(name, tasks)
     train = split == "train" if train is None else train
     size = tuple(size or DEFAULT_SIZES[name]["train" if train else "eval"])
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"size must be (height, width) with positive entries, got {size}")
+    check_options(name, size=size, num_samples=num_samples, seed=seed)
     transform = TrainTransform(size) if train else EvalTransform(size)
     if name == "synthetic":
         from synthetic import SyntheticRooms  # only the offline dataset needs synthetic.py

@@ -102,20 +102,32 @@ def show_warnings(rank):
     warnings.showwarning = show
 
 
-def as_flags(message, flags):
+def as_flags(message, flags, aliases=None):
     """A module's ValueError in the words of the command line, for the parameters that are flags:
-    `num_slots` -> `--num-slots`, `exchange='kem'` -> `--exchange kem`, `pretrained=False` -> `--no-pretrained`."""
+    `num_slots` -> `--num-slots`, `exchange='kem'` -> `--exchange kem`, `pretrained=False` -> `--no-pretrained`.
+    aliases: {a module's argument: the flag's name} where they differ, e.g. {"seed": "data_seed"}."""
+    aliases = aliases or {}
+
     def flag(name):
-        return f"--{name.replace('_', '-')}"
+        return f"--{aliases.get(name, name).replace('_', '-')}"
 
     def named(match):
         name, value = match[1], match[3]
-        if name not in flags:
+        if aliases.get(name, name) not in flags:
             return match[0]
-        return {"False": f"--no-{name.replace('_', '-')}", "True": flag(name)}.get(value, f"{flag(name)} {value}")
+        return {"False": f"--no-{flag(name)[2:]}", "True": flag(name)}.get(value, f"{flag(name)} {value}")
 
     message = re.sub(r"\b([a-z_]+)=(['\"]?)([\w.]+)\2", named, message)
-    return re.sub(r"(?<![-\w'])(topk_mode|topk|num_slots|dim)\b(?![=-])", lambda m: flag(m[1]), message)
+    bare = "|".join(sorted({"topk_mode", "topk", "num_slots", "dim", *aliases}, key=len, reverse=True))
+    return re.sub(rf"(?<![-\w'])({bare})\b(?![=-])", lambda m: flag(m[1]), message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals are one line and exit code 2, like every other bad input (not
+    the whole usage block: --help shows that)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists every flag)\n")
 
 
 # --- processes and devices -----------------------------------------------------------------------

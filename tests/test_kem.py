@@ -253,7 +253,8 @@ def test_kem_etf_slots_are_a_fixed_simplex():
     (dict(slots="fixed"), "slots must be 'learned' or 'etf'"),
     (dict(topk_mode="hard"), "topk_mode must be 'mask' or 'post'"),
     (dict(num_slots=40, slots="etf"), "needs dim >= 39, got dim=16"),
-    (dict(num_slots=1, slots="etf"), "slots='etf' with num_slots=1: num_vectors must be >= 2"),
+    (dict(num_slots=1, slots="etf"), "slots='etf' with num_slots=1: num_slots must be >= 2"),
+    (dict(num_slots=40, slots="etf"), r"num_slots <= 17"),                 # in KEM's words, not the frame's
 ])
 def test_kem_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
