@@ -269,11 +269,12 @@ def resolve_config(args, given):
     for key in ("batch_size", "max_iters", "accum", "eval_interval", "log_interval", "train_samples", "val_samples"):
         if cfg[key] is not None and cfg[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["workers"] is not None and cfg["workers"] < 0:
-        raise UsageError(f"--workers must be >= 0 (0 loads the data in the process itself), got {cfg['workers']}")
+    most = support.most_processes()
+    if cfg["workers"] is not None and not 0 <= cfg["workers"] <= most:
+        raise UsageError(f"--workers must lie in 0..{most} (0 loads the data in the process itself), got {cfg['workers']}")
     if cfg["eval_only"] and not cfg["ckpt"]:
         raise UsageError("--eval-only needs --ckpt PATH (e.g. runs/<run>/best.pt)")
-    check_optimisation(cfg)
+    check_optimisation(cfg, given)
     # The dataset's rules live in datasets / synthetic, the network's in kem_mtl; here they only get the
     # command line's words (and their warnings too, printed once).
     flags = set(vars(args))
@@ -297,9 +298,9 @@ def resolve_config(args, given):
     return cfg
 
 
-def check_optimisation(cfg):
-    """The optimiser's and the schedule's rules (UsageError), and a warning for values that work but
-    are almost certainly a mistake."""
+def check_optimisation(cfg, given):
+    """The optimiser's and the schedule's rules (UsageError), and a warning for values typed (`given`) that
+    work but are almost certainly a mistake."""
     for key, what, ok in (("lr", "> 0", cfg["lr"] > 0), ("weight_decay", ">= 0 (0 = none)", cfg["weight_decay"] >= 0),
                           ("grad_clip", ">= 0 (0 = no clipping)", cfg["grad_clip"] >= 0)):
         if not (ok and math.isfinite(cfg[key])):
@@ -308,9 +309,12 @@ def check_optimisation(cfg):
         raise UsageError(f"--warmup-iters must be >= 0 (0 = no warm-up), got {cfg['warmup_iters']}")
     if not 0 <= cfg["seed"] < 2**32:
         raise UsageError(f"--seed must lie in 0..{2**32 - 1} (NumPy takes no other seeds), got {cfg['seed']}")
-    if cfg["warmup_iters"] >= cfg["max_iters"]:
+    if "warmup_iters" in given and cfg["warmup_iters"] >= cfg["max_iters"]:
         warnings.warn(f"--warmup-iters {cfg['warmup_iters']} is not below --max-iters {cfg['max_iters']}: the "
                       f"learning rate never reaches --lr {cfg['lr']:g}", stacklevel=3)
+    if cfg["optimizer"] == "adamw" and cfg["lr"] * cfg["weight_decay"] >= 1:
+        warnings.warn(f"--lr {cfg['lr']:g} x --weight-decay {cfg['weight_decay']:g} >= 1: AdamW multiplies every "
+                      f"weight by 1 - lr x weight decay <= 0 at each step", stacklevel=3)
     if cfg["lr"] >= 1:
         warnings.warn(f"--lr {cfg['lr']:g} moves every weight by about that much at each Adam step; learning rates "
                       f"that train lie far below 1 (the presets use 2e-3 and 2e-5)", stacklevel=3)

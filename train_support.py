@@ -155,11 +155,19 @@ class Processes:
         return batch_size // self.world if self.own else batch_size
 
 
+def most_processes():
+    """The most processes --procs or --workers may start: more is a typo, not a plan."""
+    return max(64, os.cpu_count() or 1)
+
+
 def local_procs(cfg):
     """How many single-thread processes of our own this run uses (1 = this process alone)."""
     launched = "WORLD_SIZE" in os.environ                   # torchrun, or one of our own processes
     cpu = pick_device(cfg["device"], 0).type == "cpu"
     cores = os.cpu_count() or 1
+    if cfg["procs"] != "auto" and cfg["procs"] > most_processes():
+        raise UsageError(f"--procs {cfg['procs']} would start that many processes on this {cores}-core machine; "
+                         f"use at most {cores}, one per core")
     if cfg["procs"] == "auto":
         if launched or not cpu:
             return 1
@@ -170,6 +178,9 @@ def local_procs(cfg):
                          + ("under torchrun use --procs 1" if launched else "on a GPU use torchrun instead"))
     if cfg["batch_size"] % cfg["procs"]:
         raise UsageError(f"--procs {cfg['procs']} must divide --batch-size {cfg['batch_size']}; try --procs 1 or 2")
+    if cfg["procs"] > cores:
+        warnings.warn(f"--procs {cfg['procs']} is more than this machine's {cores} cores: the processes take turns "
+                      f"on them, which is slower than --procs {cores}")
     return cfg["procs"]
 
 

@@ -1059,7 +1059,7 @@ def test_task_channels_and_class_names_answer_for_every_name():
 
 
 # ----------------------------------------------------------------------------------------------------
-# What the full check costs: python tests/test_datasets.py [folder]
+# What the full check costs: PYTHONPATH=. python tests/test_datasets.py [folder]
 
 def nyud_size_tree(root: Path, distinct=24):
     """A packaging-B tree of NYUD-v2's real size (795 train + 654 val ids, 480 x 640 images, jpg + png +
