@@ -164,23 +164,23 @@ def parse_args(argv):
     name = name if name in PRESETS else "synthetic"
     first_task = next(iter(datasets.task_channels(name)))
     p = support.ArgumentParser(description="Multi-task training with KEM (SGW-based MTL, ACCV 2024).",
-                               epilog=f"Defaults are the {name} preset's (`--dataset nyud --help` shows nyud's); "
-                                      f"any flag overrides them.")
+                               epilog=f"Defaults are the {name} preset's; `--dataset NAME --help` shows another's "
+                                      f"({', '.join(PRESETS)}). Any flag overrides them.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=datasets.NAMES,
                    help="synthetic (the default) needs no download; nyud and pascal download once")
     g.add_argument("--data-dir", help="where datasets live (else $KEM_MTL_DATA, else ~/.cache/kem_mtl)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction,
-                   help="fetch missing data and pretrained weights (default); --no-download stops with instructions")
-    g.add_argument("--tasks", help="comma list, e.g. semseg,depth (default: all of the dataset's; one task = single-task baseline)")
+                   help="fetch missing data and pretrained weights; --no-download stops with instructions")
+    g.add_argument("--tasks", help="comma list, e.g. semseg,depth (one task = single-task baseline)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process (0 loads in the process itself)")
     g.add_argument("--image-size", type=support.size, metavar="HxW",
                    help="synthetic: the rendered size (train and val); nyud/pascal: the training crop")
     g.add_argument("--train-samples", type=int, help="synthetic only: scenes in the train split")
     g.add_argument("--val-samples", type=int, help="synthetic only: scenes in the val split")
     g.add_argument("--data-seed", type=int,
-                   help="synthetic only: which scenes SyntheticRooms draws for train and val (default 0; "
-                        "--seed does not change them)")
+                   help="synthetic only: which scenes SyntheticRooms draws for train and val (--seed does not "
+                        "change them)")
     g = p.add_argument_group("model")
     g.add_argument("--exchange", choices=EXCHANGES, help="how tasks meet: kem (the paper), cross (full attention), none")
     g.add_argument("--etf", choices=ETF_MODES,
@@ -188,12 +188,12 @@ def parse_args(argv):
     g.add_argument("--num-slots", type=int, help="KEM memory slots L (try 8-32; more slots than tokens is warned about)")
     g.add_argument("--topk", type=support.number, help="tokens per slot: a count (e.g. 64) or a fraction of all tokens (e.g. 0.25)")
     g.add_argument("--topk-mode", choices=("mask", "post"),
-                   help="mask: softmax over the top-k (default); post: softmax, then keep the top-k (the SGW's)")
+                   help="mask: softmax over the top-k; post: softmax, then keep the top-k (the SGW's)")
     g.add_argument("--backbone", choices=BACKBONES, help="tiny (CPU, from scratch) or a torchvision Swin/ResNet")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
                    help="ImageNet weights for torchvision backbones (--no-pretrained offline)")
     g.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction,
-                   help="do not train the backbone (our 'fixed encoder' reading; off by default)")
+                   help="do not train the backbone (our 'fixed encoder' reading)")
     g.add_argument("--dim", type=int, help="token width D: below 8, a multiple of 8 below 64, or a multiple of 16 "
                                             "(the network's GroupNorms)")
     g = p.add_argument_group("optimisation")

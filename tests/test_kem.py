@@ -6,7 +6,9 @@ the paper's three equations written out naively, is permutation-equivariant, kee
 apart, trains every parameter, and reduces to plain-softmax attention for k >= N; the baseline
 equals softmax attention written out; MultiTaskNet gives the right shapes for the NYUD and PASCAL
 task sets, every exchange x etf combination and odd image sizes, runs under autocast and
-torch.compile, fits one batch, and raises every documented error.
+torch.compile, fits one batch, and raises every documented error; its option check accepts exactly
+the token widths the network can build (the GroupNorms), num_tokens is the N the exchange sees, and
+more slots than tokens is warned about.
 
 For use in other code: wrong token shapes are refused by name (KEM and the baseline alike); topk
 takes any integer type or a fraction, and k = 1 warns once (the slots then get exactly zero
