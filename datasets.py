@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -513,37 +514,93 @@ class PASCALContext(_Folder):
 _DATASET_CLASSES = {"nyud": NYUD, "pascal": PASCALContext}
 
 
-def _header_hw(path: Path):
-    """(H, W) of a file from its header only, or None for the nested Pascal-Part .mat files."""
+def _decoded_hw(path: Path):
+    """(H, W) of a file read in full (every pixel decoded, every array read: a truncated file raises), or
+    None for the nested Pascal-Part .mat files."""
     if path.suffix == ".npy":
-        return tuple(np.load(path, mmap_mode="r").shape[:2])
+        return tuple(np.load(path).shape[:2])
     if path.suffix == ".mat":
-        from scipy.io import whosmat
-        return next((tuple(shape) for key, shape, _ in whosmat(str(path)) if key == "LabelMap"), None)
+        from scipy.io import loadmat
+        labels = loadmat(str(path)).get("LabelMap")
+        return None if labels is None else tuple(labels.shape[:2])
     with Image.open(path) as im:
+        im.load()
         return im.size[::-1]
+
+
+def _try_decode(path: Path):
+    """_decoded_hw(path), or the reason it cannot be read (a str)."""
+    try:
+        return _decoded_hw(path)
+    except Exception as e:  # PIL, numpy and scipy raise many kinds
+        return f"cannot read it: {type(e).__name__}: {e}"
+
+
+VERDICT = ".kem_mtl_checked.json"   # in a dataset folder: the files validate_tree(full=True) found readable
+
+
+def _tree_stamp(root: Path, files) -> str:
+    """A fingerprint of the files' names, sizes and modification times: any change to a file changes it."""
+    stamp = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        stamp.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return stamp.hexdigest()
+
+
+def check_files(root: Path, files: dict) -> None:
+    """Read every file in full, once: {file: (its kind, the image it must match in size, or None)}. Every
+    problem is named in one DatasetError. A passing verdict is remembered in root/VERDICT with the files'
+    fingerprint (_tree_stamp), so the next check of the same, unchanged files costs a stat each; where root
+    is read-only, every check reads everything again."""
+    verdict, stamp = root / VERDICT, _tree_stamp(root, files)
+    try:
+        if json.loads(verdict.read_text()).get("stamp") == stamp:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    from concurrent.futures import ThreadPoolExecutor   # the decoders release the GIL
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        hw = dict(zip(files, pool.map(_try_decode, files)))
+    problems = []
+    for f, (kind, image) in files.items():
+        if isinstance(hw[f], str):
+            problems.append(f"{f}: {hw[f]}")
+        elif image is not None and hw[f] is not None and not isinstance(hw[image], str) and hw[f] != hw[image]:
+            problems.append(f"{f}: {kind} has size {hw[f]}, but the image {image} is {hw[image]}")
+    if problems:
+        raise DatasetError(f"{len(problems)} of the {len(files)} files in {root} cannot be used (every image and "
+                           f"label file is read once, before training); replace or re-extract them:\n  "
+                           + "\n  ".join(problems))
+    try:
+        tmp = verdict.with_name(f"{VERDICT}.{os.getpid()}")
+        tmp.write_text(json.dumps({"stamp": stamp, "files": len(files)}))
+        os.replace(tmp, verdict)
+    except OSError:
+        pass
 
 
 def validate_tree(name: str, path, *, full: bool = False) -> dict:
     """Check a dataset folder: both split files, every id's files present, the first sample of each
-    split loads, and (full=True) every file's header size agrees with its image. Warns when a split
+    split loads, and (full=True) every image and label file of every task reads in full and has its
+    image's size (check_files: remembered in the folder until a file changes). Warns when a split
     size differs from the official one. Returns {split: number of ids}; raises DatasetError."""
-    counts = {}
+    counts, files, splits = {}, {}, []
     for split, expected in SPLIT_SIZES[name].items():
         ds = _DATASET_CLASSES[name](path, split)
         counts[split] = len(ds)
+        splits.append(ds)
         if len(ds) != expected:
             warnings.warn(f"{name} {split} split in {ds.split_file} has {len(ds)} ids, the official split "
                           f"has {expected}", stacklevel=2)
         for id_ in ds.ids if full else ():
             image = ds._file("image", id_)
-            for kind in {k for t in ds.tasks for k in ds.needs[t]}:
-                file = ds._file(kind, id_)
-                with _reading(file, "a readable header"):
-                    hw, want = _header_hw(file), _header_hw(image)
-                if hw is not None and hw != want:
-                    raise DatasetError(f"{file}: {kind} has size {hw}, but the image {image} is {want}")
-        ds[0]
+            files[image] = ("image", None)
+            files.update({ds._file(kind, id_): (kind, image) for kind in {k for t in ds.tasks for k in ds.needs[t]}})
+    if full:
+        check_files(ds.root, files)
+    for ds in splits:
+        ds[0]                                                       # and the labels' own rules, on one sample
     return counts
 
 
@@ -666,7 +723,7 @@ def prepare_dataset(name: str, root=None, *, download_ok: bool = True, url=None,
     present = ([data_root] if (data_root / _DATASET_CLASSES[name].marker).is_dir()   # root = the folder itself
                else [data_root / d for d in src["dirs"] if (data_root / d).is_dir()])
     if present:
-        validate_tree(name, present[0])
+        validate_tree(name, present[0], full=True)
         return present[0]
     archive = data_root / src["archive"]
     fetched = not archive.is_file()
@@ -850,6 +907,28 @@ DEFAULT_SIZES = {"nyud": {"train": (448, 576), "eval": (480, 640)},
 DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}
 
 
+def check_options(name: str, *, size, num_samples=None, seed=0) -> None:
+    """ValueError (naming the argument, the value, what works) for options build_dataset refuses, without
+    reading a file or rendering a scene. size: the (h, w) crop or pad; num_samples, seed: as there."""
+    _check_name(name)
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (or None for the default), got {num_samples}")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (height, width) with positive entries, got {tuple(size)}")
+    if name == "synthetic":
+        from synthetic import SyntheticRooms  # its own rules: the smallest image, the seed
+        SyntheticRooms.check_options(num_samples or 1, size, seed)
+
+
+def cache_bytes(name: str, num_samples: int, size, tasks) -> int:
+    """The memory build_dataset(..., cache=True) holds for a split: SyntheticRooms' rendered scenes (the
+    real datasets are read from disk, sample by sample)."""
+    if name != "synthetic":
+        return 0
+    from synthetic import SyntheticRooms
+    return SyntheticRooms.cache_bytes(num_samples, size, tasks)
+
+
 def build_dataset(name: str, split: str, *, root=None, train=None, size=None, tasks=None,
                   download=True, num_samples=None, seed=0, cache=False, render_procs=1, edit_scene=None) -> Dataset:
     """A ready dataset for train.py.
@@ -872,13 +951,10 @@ def build_dataset(name: str, split: str, *, root=None, train=None, size=None, ta
     _check_name(name)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 (or None for the default), got {num_samples}")
     tasks = _check_tasks(name, tasks)
     train = split == "train" if train is None else train
     size = tuple(size or DEFAULT_SIZES[name]["train" if train else "eval"])
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"size must be (height, width) with positive entries, got {size}")
+    check_options(name, size=size, num_samples=num_samples, seed=seed)
     transform = TrainTransform(size) if train else EvalTransform(size)
     if name == "synthetic":
         from synthetic import SyntheticRooms  # only the offline dataset needs synthetic.py

@@ -228,8 +228,9 @@ class KEM(nn.Module):
         if slots == "etf":
             try:
                 _etf().check_frame_size(num_slots, dim)   # the ETF's own rule lives with the ETF
-            except ValueError as error:
-                raise ValueError(f"slots='etf' with num_slots={num_slots}: {error}") from None
+            except ValueError as error:                   # in KEM's words: the frame's vectors are its slots
+                raise ValueError(f"slots='etf' with num_slots={num_slots}: "
+                                 + str(error).replace("num_vectors", "num_slots")) from None
 
     def _top_k(self, N):
         """k for N tokens, with the one-time warning when it is 1 (Python ints only: a symbolic k
@@ -413,9 +414,14 @@ class Normalize(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Backbones: each returns (skip features at stride 4, deep features at `deep_stride`)
 
+def _norm_groups(channels):
+    """The GroupNorm groups of the layers _conv_gn builds: 8, or one per channel below 8 channels."""
+    return min(8, channels)
+
+
 def _conv_gn(c_in, c_out, stride=1, kernel=3, groups=1):
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
-                         nn.GroupNorm(min(8, c_out), c_out), nn.ReLU(inplace=True))
+                         nn.GroupNorm(_norm_groups(c_out), c_out), nn.ReLU(inplace=True))
 
 
 class TinyBackbone(nn.Module):
@@ -493,15 +499,25 @@ def build_backbone(name, pretrained=False):
 # ----------------------------------------------------------------------------------------------
 # The multi-task network
 
+def _fits_norm_groups(dim):
+    """Every GroupNorm MultiTaskNet builds for token width D splits its channels evenly."""
+    return all(c % _norm_groups(c) == 0 for c in (dim, TaskDecoder.width(dim)))
+
+
 class TaskDecoder(nn.Module):
     """Tokens of one task (as a map) + the shared skip features -> C_t channels at stride 4."""
 
     def __init__(self, dim, skip_dim, out_channels):
         super().__init__()
-        width = max(32, dim // 2)
+        width = TaskDecoder.width(dim)
         self.reduce = _conv_gn(dim, width, kernel=1)
         self.fuse = _conv_gn(width + skip_dim, width)
         self.head = nn.Conv2d(width, out_channels, 1)
+
+    @staticmethod
+    def width(dim):
+        """The decoder's channels for tokens of width D."""
+        return max(32, dim // 2)
 
     def forward(self, x, skip):
         x = nnf.interpolate(self.reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -517,7 +533,9 @@ class MultiTaskNet(nn.Module):
     "both" | "normalize" (tokens L2-normalised only: the control for "features"); "slots" and "both"
     need exchange="kem"; every mode but "none" needs etf.py. topk, num_slots, topk_mode: KEM's.
     freeze_backbone: the backbone is not trained (one reading of the paper's "fixed" encoder [ours];
-    off by default). check_options checks all of these without building anything.
+    off by default). dim: the token width D; the GroupNorms need D < 8, a multiple of 8 below 64, or a
+    multiple of 16 (check_options says which widths are nearest). check_options checks all of these
+    without building anything, and num_tokens says how many tokens meet in the exchange for an image size.
     forward(images (B, 3, H, W)) -> {task: (B, C_t, H, W)} of raw outputs: logits for classes, edges
     and saliency, metres for depth, unnormalised normals.
     """
@@ -558,9 +576,12 @@ class MultiTaskNet(nn.Module):
 
     @staticmethod
     def check_options(tasks, *, backbone="tiny", pretrained=False, exchange="kem", etf="none", dim=128,
-                      num_slots=16, topk=0.25, topk_mode="mask"):
+                      num_slots=16, topk=0.25, topk_mode="mask", image_size=None):
         """Raise ValueError (naming the argument, the value, what works) for options MultiTaskNet
-        cannot take; it builds nothing and downloads nothing, so it can run before anything slow starts.
+        cannot take, ImportError when a module they need is missing (torchvision, etf.py); it builds
+        nothing and downloads nothing, so it can run before anything slow starts. image_size: (H, W)
+        of the images it will see, if known: options that work but are almost certainly a mistake
+        for it (more KEM slots than tokens) get a warning.
 
         The rules of the parts live with the parts (KEM.check_options, the ETF's check_frame_size); this
         adds the rules of the whole network. Messages name arguments as `name` or `name=value`.
@@ -584,9 +605,40 @@ class MultiTaskNet(nn.Module):
                              f"(got exchange={exchange!r}); use etf='features' or 'none' with it")
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if not _fits_norm_groups(dim):
+            below = next(d for d in range(dim - 1, 0, -1) if _fits_norm_groups(d))
+            above = next(d for d in range(dim + 1, dim + 17) if _fits_norm_groups(d))
+            raise ValueError(f"dim={dim} does not fit the network's GroupNorm layers (each splits its C channels "
+                             f"into min(8, C) groups: the tokens' D channels and the decoders' max(32, D/2)); "
+                             f"try dim={below} or dim={above}")
+        if backbone != "tiny":
+            _torchvision(backbone)                          # ImportError saying what to install
+        if etf in ("features", "both"):
+            try:
+                _etf().check_frame_size(dim, dim)           # ETFProjection: a frame of D vectors in R^D
+            except ValueError as error:
+                raise ValueError(f"etf={etf!r} maps the tokens onto a frame of dim vectors: "
+                                 + str(error).replace("num_vectors", "dim")) from None
+        elif etf != "none":
+            _etf()
         if exchange == "kem":
-            KEM.check_options(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned",
-                              topk_mode=topk_mode)
+            try:
+                KEM.check_options(dim, num_slots, topk, slots="etf" if etf in ("slots", "both") else "learned",
+                                  topk_mode=topk_mode)
+            except ValueError as error:                     # KEM's slots='etf' is this network's etf option
+                raise ValueError(str(error).replace("slots='etf'", f"etf={etf!r}")) from None
+            N = None if image_size is None else MultiTaskNet.num_tokens(len(tasks), backbone, image_size)
+            if N is not None and num_slots > N:
+                warnings.warn(f"num_slots={num_slots} is more than the {N} tokens KEM sees in a "
+                              f"{image_size[0]}x{image_size[1]} image with {len(tasks)} task(s): the slots are no "
+                              f"longer a bottleneck (the paper's L << N); try 8-32")
+
+    @staticmethod
+    def num_tokens(num_tasks, backbone, size):
+        """N, the tokens of all tasks that meet in the exchange for images of size (H, W) (see forward)."""
+        parts = TinyBackbone if backbone == "tiny" else TorchvisionBackbone
+        h, w = (-(-x // parts.pad_multiple) * parts.pad_multiple // parts.deep_stride for x in size)
+        return num_tasks * h * w
 
     def train(self, mode=True):
         super().train(mode)

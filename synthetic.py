@@ -71,7 +71,8 @@ Use:
     sample = ds[0]                  # dict of tensors, see SyntheticRooms
     arrays = ds.render(0)           # the same as numpy arrays, plus intrinsics and camera pose
 
-    python synthetic.py out.png     # a grid of a few samples with all their labels (needs matplotlib)
+    python synthetic.py out.png     # a grid of a few samples with all their labels (synthetic_picture.py,
+                                    # matplotlib)
 
 Speed: vectorised numpy; each primitive is ray-cast only inside the screen rectangle its bounding
 box projects to.
@@ -843,16 +844,7 @@ class SyntheticRooms(torch.utils.data.Dataset):
                  render_procs=1, edit_scene=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        try:
-            H, W = (operator.index(s) for s in size)
-        except (TypeError, ValueError):
-            raise ValueError(f"size must be a pair of ints (H, W), got {size!r}") from None
-        if H < _MIN_SIZE or W < _MIN_SIZE:
-            raise ValueError(f"size must be at least ({_MIN_SIZE}, {_MIN_SIZE}), got {(H, W)}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        H, W = SyntheticRooms.check_options(num_samples, size, seed)
         if tasks is None:
             tasks = list(TASKS)
         elif isinstance(tasks, str):
@@ -875,6 +867,27 @@ class SyntheticRooms(torch.utils.data.Dataset):
         self.split, self.num_samples, self.size = split, int(num_samples), (H, W)
         self.seed, self.tasks, self.transform, self.edit_scene = int(seed), tasks, transform, edit_scene
         self._cache = self._render_all(render_procs) if cache else None
+
+    @staticmethod
+    def check_options(num_samples, size, seed):
+        """(H, W), or a ValueError naming the argument, for what the constructor's rules refuse."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        try:
+            H, W = (operator.index(s) for s in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"size must be a pair of ints (H, W), got {size!r}") from None
+        if H < _MIN_SIZE or W < _MIN_SIZE:
+            raise ValueError(f"size must be at least {_MIN_SIZE}x{_MIN_SIZE} pixels, got {H}x{W}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        return H, W
+
+    @staticmethod
+    def cache_bytes(num_samples, size, tasks):
+        """The memory cache=True holds: the image and the labels of `tasks` in _compact's dtypes."""
+        channels = sum(np.dtype(_COMPACT.get(t, np.float32)).itemsize * (3 if t == "normals" else 1) for t in tasks)
+        return num_samples * size[0] * size[1] * (3 + channels)
 
     def _render_all(self, procs):
         """Every sample in compact form, rendered here or by `procs` forked processes."""
@@ -957,43 +970,6 @@ class SyntheticRooms(torch.utils.data.Dataset):
                 f"seed={self.seed}, tasks={self.tasks}, cache={self._cache is not None}{edit})")
 
 
-# ------------------------------------------------------------------------------------------------
-# A picture of a few samples: python synthetic.py out.png [num] [H W]
-
-def colourise(arrays):
-    """RGB (H, W, 3) pictures of every label of a render() dict, for eyeballing."""
-    import matplotlib.cm as cm
-
-    cls = cm.tab10(arrays["semseg"] % 10)[..., :3]
-    d, p = arrays["depth"][0], arrays["parts"]
-    depth = cm.viridis(d / max(d.max(), 1e-6))[..., :3] * (d > 0)[..., None]
-    normals = (arrays["normals"].transpose(1, 2, 0) + 1) / 2 * (d > 0)[..., None]
-    parts = np.where((p == IGNORE)[..., None], 0.5, cm.Set1(p % 9)[..., :3] * (p > 0)[..., None])
-    grey = lambda m: np.repeat(m[0][..., None], 3, axis=2)
-    return {"image": arrays["image"].transpose(1, 2, 0), "semseg": cls, "depth": depth, "normals": normals,
-            "edge": grey(arrays["edge"]), "sal": grey(arrays["sal"]), "parts": parts}
-
-
-def main(argv):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out, num = argv[0] if argv else "synthetic.png", int(argv[1]) if len(argv) > 1 else 4
-    size = (int(argv[2]), int(argv[3])) if len(argv) > 3 else (96, 128)
-    ds = SyntheticRooms("train", num, size=size)
-    fig, axes = plt.subplots(num, 7, figsize=(14, 1.6 * num * size[0] / size[1] + 0.3))
-    for i in range(num):
-        for j, (name, pic) in enumerate(colourise(ds.render(i)).items()):
-            ax = axes[i, j] if num > 1 else axes[j]
-            ax.imshow(np.clip(pic, 0, 1), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":           # a picture of a few samples, drawn by synthetic_picture.py
+    from synthetic_picture import main
     main(sys.argv[1:])

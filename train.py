@@ -148,48 +148,70 @@ def compute_losses(outputs, targets, tasks):
 
 # --- configuration ----------------------------------------------------------------------------
 
+def preset_defaults(name):
+    """Every flag's default under dataset `name`'s preset, as --help shows it."""
+    cfg = {**COMMON, **PRESETS[name], "tasks": ",".join(datasets.task_channels(name)),
+           "image_size": "x".join(map(str, datasets.DEFAULT_SIZES[name]["train"]))}
+    if name == "synthetic":
+        cfg.update(train_samples=datasets.DEFAULT_NUM_SAMPLES["train"], val_samples=datasets.DEFAULT_NUM_SAMPLES["val"])
+    else:
+        cfg["image_size"] += f"; evaluation pads to {'x'.join(map(str, datasets.DEFAULT_SIZES[name]['eval']))}"
+    cfg["workers"] = "auto: 0 on a CPU, else up to 4" if cfg["workers"] is None else cfg["workers"]
+    return {k: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v for k, v in cfg.items()}
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Multi-task training with KEM (SGW-based MTL, ACCV 2024).",
-                                epilog="Every default comes from the dataset's preset; any flag overrides it.")
+    first = support.ArgumentParser(add_help=False, allow_abbrev=False)    # which preset --help describes
+    first.add_argument("--dataset")
+    name = first.parse_known_args(argv)[0].dataset
+    name = name if name in PRESETS else "synthetic"
+    first_task = next(iter(datasets.task_channels(name)))
+    p = support.ArgumentParser(description="Multi-task training with KEM (SGW-based MTL, ACCV 2024).",
+                               epilog=f"Defaults are the {name} preset's; `--dataset NAME --help` shows another's "
+                                      f"({', '.join(PRESETS)}). Any flag overrides them.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=datasets.NAMES,
                    help="synthetic (the default) needs no download; nyud and pascal download once")
     g.add_argument("--data-dir", help="where datasets live (else $KEM_MTL_DATA, else ~/.cache/kem_mtl)")
     g.add_argument("--download", action=argparse.BooleanOptionalAction,
-                   help="fetch missing data and pretrained weights (default); --no-download stops with instructions")
-    g.add_argument("--tasks", help="comma list, e.g. semseg,depth (default: all of the dataset's; one task = single-task baseline)")
+                   help="fetch missing data and pretrained weights; --no-download stops with instructions")
+    g.add_argument("--tasks", help="comma list, e.g. semseg,depth (one task = single-task baseline)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process (0 loads in the process itself)")
     g.add_argument("--image-size", type=support.size, metavar="HxW",
                    help="synthetic: the rendered size (train and val); nyud/pascal: the training crop")
     g.add_argument("--train-samples", type=int, help="synthetic only: scenes in the train split")
     g.add_argument("--val-samples", type=int, help="synthetic only: scenes in the val split")
     g.add_argument("--data-seed", type=int,
-                   help="synthetic only: which scenes SyntheticRooms draws for train and val (default 0; "
-                        "--seed does not change them)")
+                   help="synthetic only: which scenes SyntheticRooms draws for train and val (--seed does not "
+                        "change them)")
     g = p.add_argument_group("model")
     g.add_argument("--exchange", choices=EXCHANGES, help="how tasks meet: kem (the paper), cross (full attention), none")
     g.add_argument("--etf", choices=ETF_MODES,
                    help="sKEM: tokens into ETF space (features), fixed ETF slots (slots), both; normalize = the control")
-    g.add_argument("--num-slots", type=int, help="KEM memory slots L (try 8-32)")
-    g.add_argument("--topk", type=support.number, help="tokens per slot: a count (e.g. 64) or a fraction of all tokens (e.g. 0.25)")
+    g.add_argument("--num-slots", type=int, help="KEM memory slots L (try 8-32; more slots than tokens is warned about)")
+    g.add_argument("--topk", type=support.number,
+                   help="tokens per slot: a count (e.g. 64) or a fraction of all tokens (e.g. 0.25)")
     g.add_argument("--topk-mode", choices=("mask", "post"),
-                   help="mask: softmax over the top-k (default); post: softmax, then keep the top-k (the SGW's)")
+                   help="mask: softmax over the top-k; post: softmax, then keep the top-k (the SGW's)")
     g.add_argument("--backbone", choices=BACKBONES, help="tiny (CPU, from scratch) or a torchvision Swin/ResNet")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
                    help="ImageNet weights for torchvision backbones (--no-pretrained offline)")
     g.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction,
-                   help="do not train the backbone (our 'fixed encoder' reading; off by default)")
-    g.add_argument("--dim", type=int, help="token width D")
+                   help="do not train the backbone (our 'fixed encoder' reading)")
+    g.add_argument("--dim", type=int, help="token width D: below 8, a multiple of 8 below 64, or a multiple of 16 "
+                                            "(the network's GroupNorms)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int,
                    help="images per step: per process under torchrun (the field uses 2 per GPU); split over --procs")
     g.add_argument("--accum", type=int, help="gradient accumulation steps (effective batch = batch x accum x processes)")
     g.add_argument("--max-iters", type=int, help="optimiser steps")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float, help="weight decay")
-    g.add_argument("--warmup-iters", type=int, help="linear warm-up steps before the polynomial decay")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--seed", type=int, help="seed for the model, the data order and the augmentation")
+    g.add_argument("--lr", type=float, help="peak learning rate (> 0)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (0 = none)")
+    g.add_argument("--warmup-iters", type=int,
+                   help="linear warm-up steps before the polynomial decay (0 = none; at least --max-iters: the run "
+                        "never reaches --lr)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0 = no clipping; not negative)")
+    g.add_argument("--seed", type=int, help=f"seed for the model, the data order and the augmentation (0 to {2**32 - 1})")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="auto picks cuda, then mps, then cpu")
     g.add_argument("--procs", type=support.procs_count,
@@ -207,7 +229,10 @@ def parse_args(argv):
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="model and images channels-last (unmeasured on GPUs, where GroupNorm converts back to NCHW)")
     g = p.add_argument_group("logging, evaluation and checkpoints")
-    g.add_argument("--out-dir", help="default runs/<dataset>-<exchange>-<timestamp>")
+    g.add_argument("--out-dir", help="default runs/<dataset>-<exchange>-<timestamp>. It receives ckpt.pt (the latest "
+                                     "state, for --resume), best.pt (the evaluation with the best headline metric of "
+                                     f"the first task in --tasks, here {first_task} "
+                                     f"{metrics.HEADLINE[first_task][0]}) and results.json (the last evaluation)")
     g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
     g.add_argument("--log-interval", type=int, help="print a log line every this many steps")
     g.add_argument("--resume", metavar="PATH",
@@ -216,6 +241,10 @@ def parse_args(argv):
     g.add_argument("--eval-only", action="store_true", default=None, help="evaluate --ckpt on the val split and stop")
     g.add_argument("--ckpt", metavar="PATH", help="checkpoint for --eval-only")
     g.add_argument("--baselines", metavar="DIR", help="folder of single-task runs: report Δm against them")
+    shown = preset_defaults(name)
+    for action in p._actions:
+        if action.dest in shown:
+            action.help += f" (default: {shown[action.dest]})"
     args = p.parse_args(argv)
     return args, {k for k, v in vars(args).items() if v is not None}
 
@@ -235,7 +264,7 @@ def resolve_config(args, given):
         cfg["train_size"] = cfg["image_size"]
         if synthetic:
             cfg["eval_size"] = cfg["image_size"]
-    for key in ("train_samples", "val_samples"):
+    for key in ("train_samples", "val_samples", "data_seed"):
         if key in given and not synthetic:
             raise UsageError(f"--{key.replace('_', '-')} only applies to --dataset synthetic; the real datasets "
                              f"always use their whole split")
@@ -250,16 +279,95 @@ def resolve_config(args, given):
     for key in ("batch_size", "max_iters", "accum", "eval_interval", "log_interval", "train_samples", "val_samples"):
         if cfg[key] is not None and cfg[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    if cfg["lr"] <= 0 or cfg["workers"] is not None and cfg["workers"] < 0:
-        raise UsageError(f"--lr must be > 0 and --workers >= 0, got {cfg['lr']} and {cfg['workers']}")
+    most = support.most_processes()
+    if cfg["workers"] is not None and not 0 <= cfg["workers"] <= most:
+        raise UsageError(f"--workers must lie in 0..{most} (0 loads the data in the process itself), got {cfg['workers']}")
     if cfg["eval_only"] and not cfg["ckpt"]:
         raise UsageError("--eval-only needs --ckpt PATH (e.g. runs/<run>/best.pt)")
-    try:        # the network's rules live in kem_mtl; here they only get the command line's words
-        MultiTaskNet.check_options(all_tasks, **{k: cfg[k] for k in ("backbone", "pretrained", "exchange", "etf", "dim",
-                                                                      "num_slots", "topk", "topk_mode")})
-    except ValueError as error:
-        raise UsageError(support.as_flags(str(error), flags=set(vars(args)))) from None
+    check_optimisation(cfg, given)
+    # The dataset's rules live in datasets / synthetic, the network's in kem_mtl; here they only get the
+    # command line's words (and their warnings too, printed once).
+    flags = set(vars(args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for split, size in (("train", "train_size"), ("val", "eval_size")):
+                datasets.check_options(name, size=cfg[size], num_samples=cfg[f"{split}_samples"], seed=cfg["data_seed"])
+        except ValueError as error:
+            raise UsageError(support.as_flags(str(error), flags, aliases={
+                "num_samples": f"{split}_samples", "seed": "data_seed", "size": "image_size"})) from None
+        try:
+            MultiTaskNet.check_options({t: all_tasks[t] for t in cfg["tasks"]}, image_size=cfg["train_size"],
+                                       **{k: cfg[k] for k in ("backbone", "pretrained", "exchange", "etf", "dim",
+                                                              "num_slots", "topk", "topk_mode")})
+        except (ValueError, ImportError) as error:
+            raise UsageError(support.as_flags(str(error), flags)) from None
+    for warning in caught:
+        warnings.warn(support.as_flags(str(warning.message), flags), stacklevel=2)
+    check_memory(cfg)
     return cfg
+
+
+def check_optimisation(cfg, given):
+    """The optimiser's and the schedule's rules (UsageError), and a warning for values typed (`given`) that
+    work but are almost certainly a mistake."""
+    for key, what, ok in (("lr", "> 0", cfg["lr"] > 0), ("weight_decay", ">= 0 (0 = none)", cfg["weight_decay"] >= 0),
+                          ("grad_clip", ">= 0 (0 = no clipping)", cfg["grad_clip"] >= 0)):
+        if not (ok and math.isfinite(cfg[key])):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number {what}, got {cfg[key]}")
+    if cfg["warmup_iters"] < 0:
+        raise UsageError(f"--warmup-iters must be >= 0 (0 = no warm-up), got {cfg['warmup_iters']}")
+    if not 0 <= cfg["seed"] < 2**32:
+        raise UsageError(f"--seed must lie in 0..{2**32 - 1} (NumPy takes no other seeds), got {cfg['seed']}")
+    if "warmup_iters" in given and cfg["warmup_iters"] >= cfg["max_iters"]:
+        warnings.warn(f"--warmup-iters {cfg['warmup_iters']} is not below --max-iters {cfg['max_iters']}: the "
+                      f"learning rate never reaches --lr {cfg['lr']:g}", stacklevel=3)
+    if cfg["optimizer"] == "adamw" and cfg["lr"] * cfg["weight_decay"] >= 1:
+        warnings.warn(f"--lr {cfg['lr']:g} x --weight-decay {cfg['weight_decay']:g} >= 1: AdamW multiplies every "
+                      f"weight by 1 - lr x weight decay <= 0 at each step", stacklevel=3)
+    if cfg["lr"] >= 1:
+        warnings.warn(f"--lr {cfg['lr']:g} moves every weight by about that much at each Adam step; learning rates "
+                      f"that train lie far below 1 (the presets use 2e-3 and 2e-5)", stacklevel=3)
+
+
+def check_memory(cfg):
+    """Refuse a run that cannot fit in this machine's memory, counting only what it surely holds: the
+    network's weights, the rendered SyntheticRooms scenes and one batch of images (float32).
+
+    The weights are counted on PyTorch's meta device, where building allocates nothing, but whose random
+    initialisers take ~1.5 s to load: only when --dim and --num-slots make D x D or L x D matrices of more
+    than 2^24 numbers (below that, the network is a few hundred MB at most)."""
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                    # not known here (Windows): no check
+        return
+    weights = 0
+    if cfg["dim"] * max(cfg["dim"], cfg["num_slots"]) > 2**24:
+        try:
+            with torch.device("meta"):
+                weights = 4 * sum(p.numel() for p in build_model({**cfg, "pretrained": False}).parameters())
+        except (RuntimeError, OverflowError, TypeError):            # sizes past what PyTorch can even count
+            weights = math.inf
+    splits = [("val", "eval_size")] + ([] if cfg["eval_only"] else [("train", "train_size")])
+    scenes = sum(datasets.cache_bytes(cfg["dataset"], cfg[f"{split}_samples"], cfg[size], cfg["tasks"])
+                 for split, size in splits)
+    batch = max(4 * 3 * cfg["batch_size"] * math.prod(cfg[size]) for _, size in splits)
+    if weights + scenes + batch > available:
+        parts = sorted([(weights, "the network's weights", "--dim, --num-slots, --backbone"),
+                        (scenes, "the rendered scenes", "--train-samples, --val-samples, --image-size"),
+                        (batch, "one batch of images", "--batch-size, --image-size")], reverse=True)
+        raise UsageError(f"this run cannot fit in this machine's {available / 1e9:.1f} GB of memory: before anything "
+                         f"else is counted, " + ", ".join(f"{_bytes(size)} for {what} ({flags})"
+                                                          for size, what, flags in parts if size)
+                         + "; make the largest of these smaller")
+
+
+def _bytes(n):
+    """n bytes for a reader: 64 GB, 471 kB."""
+    if n == math.inf:
+        return "more than PyTorch can count"
+    scale, unit = next((s, u) for s, u in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes")) if n >= s or s == 1)
+    return f"{n / scale:.3g} {unit}"
 
 
 # --- devices, model and optimiser --------------------------------------------------------------
@@ -291,7 +399,7 @@ def precision(amp, device):
     since = AUTOCAST_SINCE.get((device.type, amp))
     raise UsageError(f"--amp {amp}: this PyTorch ({torch.__version__}) cannot autocast {device.type} to {dtype} "
                      f"(it says: {reason})" + (f"; PyTorch {since} can" if since else "") + ". Use --amp none "
-                     f"(float32)" + (" or --amp fp16" if amp == "bf16" else "") + ", or a PyTorch that can")
+                     "(float32)" + (" or --amp fp16" if amp == "bf16" else "") + ", or a PyTorch that can")
 
 
 def build_model(cfg):
@@ -316,7 +424,12 @@ def load_trained(ckpt_path):
 def data_parallel(model, device):
     """The model for one of several processes: DDP averages its gradients over them during backward
     (gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no copy in and out, as long
-    as they are zeroed rather than set to None between steps: train_step)."""
+    as they are zeroed rather than set to None between steps: train_step).
+
+    PyTorch's "Grad strides do not match bucket view strides" warning is not shown: on a CPU, large
+    batches make the 1x1 convolutions return weight gradients whose strides differ only along their
+    size-1 dimensions (same memory layout, contiguous), which DDP's exact comparison reports."""
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
@@ -392,7 +505,8 @@ def log_window(running, iters, seconds, step_images, cfg, procs, done):
 @torch.no_grad()
 def evaluate(model, loader, cfg, procs, autocast, exact_edges):
     """Metrics of every task over the whole val split (pooled over processes) and the first batch
-    with its outputs (for the picture). exact_edges: the exact (slow) or approximate edge metric."""
+    with its outputs (for the picture; None when this process's share is empty). exact_edges: the exact
+    (slow) or approximate edge metric."""
     model.eval()
     channels = datasets.task_channels(cfg["dataset"])
     # Exact edge matching on full-size real images is CPU work: spread it over worker processes when
@@ -418,14 +532,15 @@ def evaluate(model, loader, cfg, procs, autocast, exact_edges):
 
 
 def evaluate_and_record(model, loader, cfg, procs, autocast, it, exact, baselines):
-    """evaluate(), the picture of the first val images, the log line, and the record to keep."""
+    """evaluate(), the picture of the first val images, the log line, and the record to keep. A process
+    whose share of the val split is empty (fewer val images than processes) still takes part in the sums."""
     t0 = time.time()
-    results, (batch, predictions) = evaluate(model, loader, cfg, procs, autocast, exact)
+    results, first = evaluate(model, loader, cfg, procs, autocast, exact)
     record = {"kind": "eval", "iter": it, "exact_edges": exact, "metrics": results, "seconds": round(time.time() - t0, 2)}
     if baselines is not None and exact:
         record["delta_m"] = metrics.delta_m(results, baselines)
-    if procs.master:
-        support.save_picture(os.path.join(cfg["out_dir"], f"eval_{it:06d}.png"), batch, predictions, cfg,
+    if procs.master and first is not None:     # process 0 holds the first val image whenever there is one
+        support.save_picture(os.path.join(cfg["out_dir"], f"eval_{it:06d}.png"), *first, cfg,
                              {t: TASKS[t].draw for t in cfg["tasks"]})
         print("eval: " + support.summary(results, record.get("delta_m")), flush=True)
     return record
@@ -606,7 +721,7 @@ def cli(argv=None, hooks=None):
     # Under torchrun every process that stops says why, under its rank and host: nodes can fail differently
     # (a --resume path on one node only), and a silent one leaves the others waiting in a collective.
     who = f"[rank {rank}/{world} on {socket.gethostname()}] " if world > 1 else ""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"   # one line, no source
+    support.show_warnings(rank)                         # one line each, once per run, process 0 only
     try:
         main(argv, hooks)
     except (UsageError, datasets.DatasetError, WeightsUnavailable, FloatingPointError, RunStopped) as error:

@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,20 +95,50 @@ def minutes(text):
     return value
 
 
-def as_flags(message, flags):
+_SHOWN = set()       # the warnings this run has printed (a forked process inherits the parent's)
+
+
+def show_warnings(rank):
+    """Warnings as a run prints them: by process 0 alone, each one line ("warning: ..."), each text once
+    per run, however many times and places it is raised (a dataset's split-size note comes from every
+    check of the tree; both DataLoaders warn about their workers)."""
+    if rank:
+        warnings.simplefilter("ignore")
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in _SHOWN:
+            _SHOWN.add(str(message))
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+    warnings.showwarning = show
+
+
+def as_flags(message, flags, aliases=None):
     """A module's ValueError in the words of the command line, for the parameters that are flags:
-    `num_slots` -> `--num-slots`, `exchange='kem'` -> `--exchange kem`, `pretrained=False` -> `--no-pretrained`."""
+    `num_slots` -> `--num-slots`, `exchange='kem'` -> `--exchange kem`, `pretrained=False` -> `--no-pretrained`.
+    aliases: {a module's argument: the flag's name} where they differ, e.g. {"seed": "data_seed"}."""
+    aliases = aliases or {}
+
     def flag(name):
-        return f"--{name.replace('_', '-')}"
+        return f"--{aliases.get(name, name).replace('_', '-')}"
 
     def named(match):
         name, value = match[1], match[3]
-        if name not in flags:
+        if aliases.get(name, name) not in flags:
             return match[0]
-        return {"False": f"--no-{name.replace('_', '-')}", "True": flag(name)}.get(value, f"{flag(name)} {value}")
+        return {"False": f"--no-{flag(name)[2:]}", "True": flag(name)}.get(value, f"{flag(name)} {value}")
 
     message = re.sub(r"\b([a-z_]+)=(['\"]?)([\w.]+)\2", named, message)
-    return re.sub(r"(?<![-\w'])(topk_mode|topk|num_slots|dim)\b(?![=-])", lambda m: flag(m[1]), message)
+    bare = "|".join(sorted({"topk_mode", "topk", "num_slots", "dim", *aliases}, key=len, reverse=True))
+    return re.sub(rf"(?<![-\w'])({bare})\b(?![=-])", lambda m: flag(m[1]), message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusals are one line and exit code 2, like every other bad input (not
+    the whole usage block: --help shows that)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists every flag)\n")
 
 
 # --- processes and devices -----------------------------------------------------------------------
@@ -135,11 +166,19 @@ class Processes:
         return batch_size // self.world if self.own else batch_size
 
 
+def most_processes():
+    """The most processes --procs or --workers may start: more is a typo, not a plan."""
+    return max(64, os.cpu_count() or 1)
+
+
 def local_procs(cfg):
     """How many single-thread processes of our own this run uses (1 = this process alone)."""
     launched = "WORLD_SIZE" in os.environ                   # torchrun, or one of our own processes
     cpu = pick_device(cfg["device"], 0).type == "cpu"
     cores = os.cpu_count() or 1
+    if cfg["procs"] != "auto" and cfg["procs"] > most_processes():
+        raise UsageError(f"--procs {cfg['procs']} would start that many processes on this {cores}-core machine; "
+                         f"use at most {cores}, one per core")
     if cfg["procs"] == "auto":
         if launched or not cpu:
             return 1
@@ -150,6 +189,9 @@ def local_procs(cfg):
                          + ("under torchrun use --procs 1" if launched else "on a GPU use torchrun instead"))
     if cfg["batch_size"] % cfg["procs"]:
         raise UsageError(f"--procs {cfg['procs']} must divide --batch-size {cfg['batch_size']}; try --procs 1 or 2")
+    if cfg["procs"] > cores:
+        warnings.warn(f"--procs {cfg['procs']} is more than this machine's {cores} cores: the processes take turns "
+                      f"on them, which is slower than --procs {cores}")
     return cfg["procs"]
 
 
@@ -240,6 +282,7 @@ def setup_processes(cfg):
     prepare their data at their own pace, and those that finish first wait for the others in
     init_process_group and the first collective."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    show_warnings(rank)                                  # our own processes too: only process 0 speaks
     device = pick_device(cfg["device"], int(os.environ.get("LOCAL_RANK", "0")))
     if not _OWN:                                         # our own processes: their parent checked before starting them
         prepare_inputs(cfg)

@@ -25,6 +25,10 @@ Pinned down, without network and without the real data:
   crops are windows of the input, determinism from a generator or the DataLoader worker seeds.
 - Every documented error: missing root / split file / file of an id, unreadable or truncated image,
   labels out of range, shapes that disagree, bad arguments.
+- The check before training: prepare_dataset reads every image and label file of a tree in full and
+  names every unreadable one in one message; a passing verdict is remembered in the tree until a file
+  changes (and not at all in a read-only tree). `PYTHONPATH=. python tests/test_datasets.py` times it
+  on a generated tree of NYUD-v2's size.
 """
 import io
 import json
@@ -470,6 +474,47 @@ def test_unreadable_and_truncated_images_name_the_file(tmp_path):
     (tmp_path / "depth" / "b1.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(DatasetError, match=r"cannot read .*b1\.npy"):
         D.NYUD(tmp_path, "val")[0]
+
+
+def test_every_unreadable_file_is_named_in_one_message_before_training(tmp_path):
+    """validate_tree(full=True), which prepare_dataset runs on every tree it finds, reads every image and
+    label file in full: a JPEG cut short and a damaged .npy, anywhere in either split, are both named."""
+    synthetic_tree(tmp_path / "NYUD_MT", n=(4, 3))
+    tree = tmp_path / "NYUD_MT"
+    jpg, npy = tree / "images" / "synthetic-train-s3-000002.jpg", tree / "normals" / "synthetic-val-s3-000001.npy"
+    jpg.write_bytes(jpg.read_bytes()[:-200])           # a truncated JPEG: its header still reads
+    npy.write_bytes(npy.read_bytes()[:1000])
+    with pytest.raises(DatasetError) as error:
+        D.prepare_dataset("nyud", tmp_path, download_ok=False)
+    message = str(error.value)
+    assert "2 of the 35 files" in message and str(jpg) in message and str(npy) in message, message
+    assert "truncated" in message, message
+    assert D.NYUD(tmp_path, "train")[0], "the first samples still load: only the full read finds these"
+
+
+def test_the_verdict_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    synthetic_tree(tmp_path / "NYUD_MT", n=(3, 2))
+    reads = []
+    original = D._try_decode
+    monkeypatch.setattr(D, "_try_decode", lambda path: reads.append(path) or original(path))
+    D.validate_tree("nyud", tmp_path / "NYUD_MT", full=True)
+    assert len(reads) == 25 and (tmp_path / "NYUD_MT" / D.VERDICT).is_file()    # 5 ids x (image + 4 labels)
+    D.prepare_dataset("nyud", tmp_path, download_ok=False)
+    assert len(reads) == 25, "the same, unchanged files: not read again"
+    depth = tmp_path / "NYUD_MT" / "depth" / "synthetic-val-s3-000000.npy"
+    os.utime(depth, ns=(depth.stat().st_atime_ns, depth.stat().st_mtime_ns + 1))
+    D.validate_tree("nyud", tmp_path / "NYUD_MT", full=True)
+    assert len(reads) == 50, "one file changed: everything is read again"
+    depth.write_bytes(depth.read_bytes()[:-8])         # damaged after a passing verdict: found
+    with pytest.raises(DatasetError, match=r"(?s)1 of the 25 files .*val-s3-000000\.npy: cannot read it"):
+        D.validate_tree("nyud", tmp_path / "NYUD_MT", full=True)
+
+
+def test_a_read_only_tree_is_checked_every_time(tmp_path, monkeypatch):
+    synthetic_tree(tmp_path / "NYUD_MT", n=(1, 1))
+    monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only")))
+    assert D.validate_tree("nyud", tmp_path / "NYUD_MT", full=True) == {"train": 1, "val": 1}
+    assert not (tmp_path / "NYUD_MT" / D.VERDICT).exists()
 
 
 @pytest.mark.parametrize("kind, value, message", [
@@ -1016,3 +1061,47 @@ def test_task_channels_and_class_names_answer_for_every_name():
             fn("coco")
     for gone in ("thin", "SyntheticRooms", "PART_NAMES"):           # import these from metrics / synthetic
         assert not hasattr(D, gone), gone
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the full check costs: PYTHONPATH=. python tests/test_datasets.py [folder]
+
+def nyud_size_tree(root: Path, distinct=24):
+    """A packaging-B tree of NYUD-v2's real size (795 train + 654 val ids, 480 x 640 images, jpg + png +
+    three .npy each) under root/NYUD_MT: `distinct` SyntheticRooms scenes rendered and exported once, then
+    copied to every other id (copies, not links: every file is read on its own)."""
+    tree = root / "NYUD_MT"
+    if (tree / "gt_sets" / "val.txt").is_file():
+        return tree
+    source = SyntheticRooms("train", distinct, size=(480, 640), seed=0, tasks=["semseg", "depth", "normals", "edge"])
+    D.export_nyud_layout(source, tree, "train")
+    rendered = (tree / "gt_sets" / "train.txt").read_text().split()
+    for split, n in reversed(D.SPLIT_SIZES["nyud"].items()):       # train.txt, which lists the rendered ids, last
+        ids = [f"{split}_{i:05d}" for i in range(n)]
+        for i, id_ in enumerate(ids):
+            for pattern in D.NYUD.LAYOUTS["B"].values():
+                shutil.copyfile(tree / pattern.format(rendered[i % distinct]), tree / pattern.format(id_))
+        save_split(tree / "gt_sets" / f"{split}.txt", ids)
+    for id_ in rendered:
+        for pattern in D.NYUD.LAYOUTS["B"].values():
+            (tree / pattern.format(id_)).unlink()
+    return tree
+
+
+if __name__ == "__main__":
+    import tempfile
+    import time
+
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.gettempdir()) / "kem_mtl_nyud_size"
+    tree = nyud_size_tree(folder)
+    files = sum(1 for f in tree.rglob("*") if f.is_file() and f.name != D.VERDICT)
+    gigabytes = sum(f.stat().st_size for f in tree.rglob("*") if f.is_file()) / 1e9
+    (tree / D.VERDICT).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    D.validate_tree("nyud", tree, full=True)
+    t1 = time.perf_counter()
+    D.validate_tree("nyud", tree, full=True)
+    t2 = time.perf_counter()
+    print(f"{tree}: {files} files, {gigabytes:.1f} GB, {os.cpu_count()} cores. Full decode check: "
+          f"{t1 - t0:.1f} s the first time; {t2 - t1:.2f} s once its verdict is remembered "
+          f"(delete {tree.parent} afterwards)")

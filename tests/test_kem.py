@@ -6,7 +6,9 @@ the paper's three equations written out naively, is permutation-equivariant, kee
 apart, trains every parameter, and reduces to plain-softmax attention for k >= N; the baseline
 equals softmax attention written out; MultiTaskNet gives the right shapes for the NYUD and PASCAL
 task sets, every exchange x etf combination and odd image sizes, runs under autocast and
-torch.compile, fits one batch, and raises every documented error.
+torch.compile, fits one batch, and raises every documented error; its option check accepts exactly
+the token widths the network can build (the GroupNorms), num_tokens is the N the exchange sees, and
+more slots than tokens is warned about.
 
 For use in other code: wrong token shapes are refused by name (KEM and the baseline alike); topk
 takes any integer type or a fraction, and k = 1 warns once (the slots then get exactly zero
@@ -253,7 +255,8 @@ def test_kem_etf_slots_are_a_fixed_simplex():
     (dict(slots="fixed"), "slots must be 'learned' or 'etf'"),
     (dict(topk_mode="hard"), "topk_mode must be 'mask' or 'post'"),
     (dict(num_slots=40, slots="etf"), "needs dim >= 39, got dim=16"),
-    (dict(num_slots=1, slots="etf"), "slots='etf' with num_slots=1: num_vectors must be >= 2"),
+    (dict(num_slots=1, slots="etf"), "slots='etf' with num_slots=1: num_slots must be >= 2"),
+    (dict(num_slots=40, slots="etf"), r"num_slots <= 17"),                 # in KEM's words, not the frame's
 ])
 def test_kem_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -379,6 +382,10 @@ def test_torchvision_backbones_shapes(name):
     (dict(etf="slots", exchange="none"), "needs exchange='kem'"),
     (dict(topk=0), "topk must be a count >= 1"),
     (dict(num_slots=0), "num_slots must be >= 1"),
+    (dict(dim=12), r"dim=12 does not fit the network's GroupNorm layers .*try dim=8 or dim=16"),
+    (dict(dim=72), r"try dim=64 or dim=80"),
+    (dict(etf="both", num_slots=40), r"etf='both' with num_slots=40: .* use dim >= 39 or num_slots <= 17"),
+    (dict(etf="features", dim=1), r"etf='features' maps the tokens onto a frame of dim vectors: dim must be >= 2"),
 ])
 def test_multitasknet_errors(kwargs, match):
     kwargs = {"tasks": NYUD, "dim": 16, **kwargs}
@@ -386,6 +393,44 @@ def test_multitasknet_errors(kwargs, match):
         MultiTaskNet.check_options(**kwargs)                       # the same rules, nothing built
     with pytest.raises(ValueError, match=match):
         MultiTaskNet(**kwargs)
+
+
+@pytest.mark.parametrize("etf", ["none", "features"])
+def test_check_options_accepts_exactly_the_widths_the_network_can_build(etf):
+    """The oracle is the network itself: for every D up to 150, building it works iff the check passes."""
+    for dim in range(1, 151):
+        try:
+            MultiTaskNet.check_options({"semseg": 3}, dim=dim, num_slots=4, etf=etf)
+            checked = None
+        except ValueError as error:
+            checked = error
+        try:
+            MultiTaskNet({"semseg": 3}, dim=dim, num_slots=4, etf=etf)
+            built = None
+        except ValueError as error:
+            built = error
+        assert (checked is None) == (built is None), (dim, checked, built)
+
+
+@pytest.mark.filterwarnings("ignore:KEM keeps k = 1")   # 8 x 8 pixels: one token per task
+@pytest.mark.parametrize("backbone, size", [("tiny", (32, 32)), ("tiny", (33, 50)), ("tiny", (8, 8)),
+                                            ("resnet18", (40, 50)), ("swin_t", (64, 96))])
+def test_num_tokens_is_what_the_exchange_sees(backbone, size):
+    net = MultiTaskNet({"semseg": 3, "depth": 1}, backbone=backbone, dim=16, num_slots=4)
+    seen = []
+    net.exchange.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    net(torch.zeros(1, 3, *size))
+    assert seen == [MultiTaskNet.num_tokens(2, backbone, size)]
+
+
+def test_more_slots_than_tokens_warns_once_in_words_of_the_arguments():
+    with pytest.warns(UserWarning, match=r"num_slots=200 is more than the 32 tokens KEM sees in a 32x32 image "
+                                         r"with 2 task\(s\)"):
+        MultiTaskNet.check_options({"semseg": 3, "depth": 1}, dim=16, num_slots=200, image_size=(32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # no warning: as many slots as tokens, no size
+        MultiTaskNet.check_options({"semseg": 3, "depth": 1}, dim=16, num_slots=32, image_size=(32, 32))
+        MultiTaskNet.check_options({"semseg": 3, "depth": 1}, dim=16, num_slots=200)
 
 
 # --- using the modules in other code: inputs, k, factory arguments, settings, precision, tracers ----

@@ -131,7 +131,7 @@ def test_tasks_subset_transform_and_indexing():
     (dict(num_samples=0), r"num_samples must be an int >= 1, got 0"),
     (dict(num_samples=2.5), r"num_samples must be an int >= 1, got 2.5"),
     (dict(num_samples=True), r"num_samples must be an int >= 1, got True"),
-    (dict(size=(7, 32)), r"size must be at least \(8, 8\), got \(7, 32\)"),
+    (dict(size=(7, 32)), r"size must be at least 8x8 pixels, got 7x32"),
     (dict(size=(32,)), r"size must be a pair of ints \(H, W\), got \(32,\)"),
     (dict(size=(16.0, 16)), r"size must be a pair of ints \(H, W\), got \(16.0, 16\)"),
     (dict(size=None), r"size must be a pair of ints \(H, W\), got None"),
