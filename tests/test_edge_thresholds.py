@@ -10,7 +10,11 @@ Pinned down:
   threshold of the grid written out here, binarises, thins (metrics.thin, itself pinned against a
   pixel loop in test_metrics.py), matches one to one within the radius with scipy's maximum
   bipartite matching, pools the counts over images and takes the best F (ties: the lowest
-  threshold), on maps whose probabilities often sit exactly on a threshold.
+  threshold), on maps whose probabilities often sit exactly on a threshold; the radius is
+  max_dist times the image's diagonal (MAX_DIST is chosen so that the diagonal's radius reaches the
+  diagonal neighbours and the longest side's would not);
+- oisF takes, for an image whose F ties at several thresholds, the lowest of them (MATLAB's max, as
+  the BSDS scripts use it): a hand-built pair of images where the lowest and the highest differ.
 """
 import math
 
@@ -119,7 +123,11 @@ def brute_meter(probs, gts, max_dist, n):
             "ods_threshold": grid[best]}
 
 
-def random_case(seed, n, H=14, W=18):
+H, W = 14, 18
+MAX_DIST = 0.066     # radius 1.51 px from the diagonal (diagonal neighbours in range), 1.19 from the longest side
+
+
+def random_case(seed, n, H=H, W=W):
     """Line drawings, a shifted and blurred copy as the prediction, values snapped to the grid for half
     of the pixels (so that prob == t happens often)."""
     rng = np.random.default_rng(seed)
@@ -142,9 +150,8 @@ def random_case(seed, n, H=14, W=18):
 def test_the_meter_equals_the_brute_force_over_the_grid(seed, n):
     cases = [random_case(seed * 10 + i, n) for i in range(3)]
     probs, gts = [c[0] for c in cases], [c[1] for c in cases]
-    max_dist = 0.06
-    got = score(probs, gts, max_dist, thresholds=n)
-    want = brute_meter(probs, gts, max_dist, n)
+    got = score(probs, gts, MAX_DIST, thresholds=n)
+    want = brute_meter(probs, gts, MAX_DIST, n)
     for key, value in want.items():
         assert math.isclose(got[key], value, rel_tol=1e-12, abs_tol=1e-15), f"{key}: meter {got[key]}, brute force {value}"
 
@@ -155,6 +162,22 @@ def test_the_brute_force_cases_do_depend_on_the_threshold():
     inside = 0
     for seed in range(6):
         cases = [random_case(seed * 10 + i, 9) for i in range(3)]
-        r = brute_meter([c[0] for c in cases], [c[1] for c in cases], 0.06, 9)
+        r = brute_meter([c[0] for c in cases], [c[1] for c in cases], MAX_DIST, 9)
         inside += 0.1 < r["ods_threshold"] < 0.9
     assert inside >= 3, inside
+
+
+def test_ois_takes_the_lowest_of_an_images_tied_thresholds():
+    """Image A: two ground-truth pixels; one predicted at 3/4, the other and two false edges at 1/2.
+    At t = 3/4 (m, p, g) = (1, 1, 2), at t = 1/4 and 1/2 (2, 4, 2): F = 2/3 at every threshold, a
+    tie. Image B: a line of 10 pixels predicted perfectly. Pooled at A's lowest threshold:
+    (12, 14, 12), oisF = 24/26; at its highest: (11, 11, 12), oisF = 22/23."""
+    a_gt, a_prob = np.zeros((16, 16), np.uint8), np.zeros((16, 16))
+    a_gt[3, 3] = a_gt[12, 12] = 1
+    a_prob[3, 3] = 0.75
+    a_prob[12, 12] = a_prob[3, 12] = a_prob[12, 3] = 0.5
+    b_gt = np.zeros((16, 16), np.uint8)
+    b_gt[3:13, 4] = 1
+    b_prob = b_gt.astype(float)
+    r = score([a_prob, b_prob], [a_gt, b_gt], 1.5 / math.hypot(16, 16), thresholds=3)
+    assert math.isclose(r["oisF"], 24 / 26, rel_tol=1e-12), r

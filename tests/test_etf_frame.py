@@ -10,6 +10,8 @@ signs are left as LAPACK returns them has the first entry of each of its columns
 time: the fraction would then be 0 or 1 for some entries), and the average of E E^T is within 0.2
 of K/d I (sampling error at 400 seeds is about 0.05).
 """
+import functools
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ SEEDS = 400
 SIZES = [(2, 1), (2, 3), (3, 2), (3, 3), (4, 6), (6, 5), (8, 8)]
 
 
+@functools.lru_cache(maxsize=None)
 def frames(K, d):
     return torch.stack([simplex_etf(K, d, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
                         for s in range(SEEDS)])                         # (seeds, d, K)
