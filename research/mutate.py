@@ -2,6 +2,7 @@
 
     python research/mutate.py                         # every mutation: prints which ones SURVIVE
     python research/mutate.py --list                  # the mutations, by name, with what each breaks
+    python research/mutate.py --check                 # only check that every mutation's text is still there
     python research/mutate.py warmup-off-by-one edge-prob-greater      # a subset, by name
     python research/mutate.py clip-before-unscale --tests tests/test_train_step.py::test_clipping_hands_the_optimiser_the_gradient_scaled_to_the_clip_norm
                                                       # does this one test notice?
@@ -166,6 +167,7 @@ def main(argv=None):
                                             "print which ones the tests do not notice.")
     p.add_argument("names", nargs="*", help="mutations to run (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list the mutations and stop")
+    p.add_argument("--check", action="store_true", help="only check that every mutation's text is found, once")
     p.add_argument("--tests", nargs="+", help="pytest files or node ids to run instead of each mutation's own")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mutation before it counts as killed")
     args = p.parse_args(argv)
@@ -179,6 +181,15 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown mutation(s) {', '.join(unknown)}; python research/mutate.py --list shows them")
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    if args.check:
+        missing = []
+        for m in chosen:
+            try:
+                locate(m, ROOT)
+            except SystemExit as error:
+                missing.append(str(error))
+        print("\n".join(missing) or f"all {len(chosen)} mutations found their text")
+        return 1 if missing else 0
     if args.tests:
         chosen = [dataclasses.replace(m, tests=tuple(args.tests)) for m in chosen]
 
