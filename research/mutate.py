@@ -57,8 +57,8 @@ MUTATIONS = [
       "x_t = F_t.reshape(B, -1, h, w)", (GLUE,), "tokens back to a map without the transpose"),
     M("glue-token-map-after-exchange", "kem_mtl.py", "F = self.exchange(self.token_map(F))",
       "F = self.token_map(self.exchange(F))", (GLUE,), "the ETF / normalise map applied after the exchange"),
-    M("normalize-over-tokens", "kem_mtl.py", "x / x.square().sum(-1, keepdim=True)",
-      "x / x.square().sum(-2, keepdim=True)", (GLUE,), "the normalise control normalises over the token axis"),
+    M("normalize-over-tokens", "kem_mtl.py", "return self.l2_normalize(x)", "return self.l2_normalize(x, dim=-2)",
+      (GLUE,), "the normalise control normalises over the token axis"),
     M("glue-one-embedding-for-all", "kem_mtl.py", "+ self.task_embedding[i]", "+ self.task_embedding[0]",
       (GLUE,), "every task gets the first task's embedding"),
     M("glue-h-w-swapped", "kem_mtl.py", "x_t = F_t.transpose(1, 2).reshape(B, -1, h, w)",
@@ -82,8 +82,8 @@ MUTATIONS = [
       (STEP,), "depth 0 (missing) counted as valid"),
     M("normals-zero-counted", "train.py", "target.abs().sum(1, keepdim=True) > 0)",
       "target.abs().sum(1, keepdim=True) >= 0)", (STEP,), "zero normals counted as valid"),
-    M("normals-not-normalised", "train.py", "unit = pred / pred.square().sum(1, keepdim=True).sqrt().clamp_min(1e-12)",
-      "unit = pred", (STEP,), "L1 on the raw prediction instead of the unit normal"),
+    M("normals-not-normalised", "train.py", "unit = l2_normalize(pred, dim=1)", "unit = pred", (STEP,),
+      "L1 on the raw prediction instead of the unit normal"),
     M("loss-mean-over-all-pixels", "train.py", "/ valid.flatten(1).sum(1).clamp(min=1)", "/ valid[0].numel()",
       (STEP,), "each image's loss divided by all its pixels, ignored ones included"),
     M("edge-task-weight", "train.py", '"edge":    Task(50.0,', '"edge":    Task(5.0,', (STEP,),
@@ -110,7 +110,7 @@ MUTATIONS = [
       "sum(losses[t] for t in losses)", (STEP,), "the step sums the task losses unweighted"),
     M("running-loss-not-divided", "train.py", 'running[t] += losses[t].detach() / cfg["accum"]',
       "running[t] += losses[t].detach()", (STEP,), "logged losses grow with --accum"),
-    M("no-zero-grad", "train.py", "optimizer.zero_grad(set_to_none=True)", "pass", (STEP,),
+    M("no-zero-grad", "train.py", "optimizer.zero_grad(set_to_none=not procs.distributed)", "pass", (STEP,),
       "gradients carried over from one step to the next"),
     # -- metrics.py: the edge metric
     M("edge-prob-greater", "metrics.py", 'np.searchsorted(t, prob[box], side="right")',
@@ -131,8 +131,10 @@ MUTATIONS = [
       "QR's sign ambiguity left as LAPACK returns it: the frame is not uniformly random"),
     M("etf-fixed-rotation", "etf.py", "gaussian = torch.randn(d, K - 1, generator=generator, dtype=torch.float64)",
       "gaussian = torch.eye(d, K - 1, dtype=torch.float64)", (FRAME,), "every seed gives the same frame"),
-    M("etf-projection-unnormalised", "etf.py", "return F.normalize(x, dim=-1) @ self.E", "return x @ self.E",
+    M("etf-projection-unnormalised", "etf.py", "return l2_normalize(x) @ self.E", "return x @ self.E",
       (GLUE,), "ETF features skip the normalisation"),
+    M("l2-normalize-ignores-dim", "etf.py", "x / x.square().sum(dim, keepdim=True)", "x / x.square().sum(-1, keepdim=True)",
+      (STEP, GLUE), "the shared L2 normalisation always normalises the last axis (normals are normalised over dim 1)"),
 ]
 
 
