@@ -4,8 +4,7 @@
     python research/mutate.py --list                  # the mutations, by name, with what each breaks
     python research/mutate.py --check                 # only check that every mutation's text is still there
     python research/mutate.py warmup-off-by-one edge-prob-greater      # a subset, by name
-    python research/mutate.py clip-before-unscale --tests tests/test_train_step.py::test_clipping_hands_the_optimiser_the_gradient_scaled_to_the_clip_norm
-                                                      # does this one test notice?
+    python research/mutate.py clip-before-unscale --tests tests/test_train_step.py   # do these tests notice?
 
 Each mutation is a small, plausible bug: an exact piece of source text, what replaces it, and the
 tests that should notice. They are applied one at a time to a copy of the working tree in a
