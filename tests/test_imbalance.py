@@ -276,7 +276,8 @@ def _record(config, seed, ap, auroc, stab, keep):
 
 
 def test_report_tests_the_primary_alone_and_the_secondaries_together(tmp_path):
-    """kem loses 0.2 AP on the imbalanced split, slots 0.1 + 0.01 s: the primary is +0.1 + 0.01 s (x 100 points)."""
+    """kem loses 0.1 AUROC on the imbalanced split, slots 0.05: the primary is +5 points; in AP kem loses 0.2,
+    slots loses 0.1 − 0.01 s: +10 + s points."""
     for s in (0, 1, 2):
         recs = [_record("kem, default", s, 0.5, 0.9, 0.5, 1.0), _record("kem, imbalanced", s, 0.3, 0.8, 0.6, 0.1),
                 _record("kem+etf slots, default", s, 0.5, 0.9, 0.5, 1.0),
@@ -287,12 +288,13 @@ def test_report_tests_the_primary_alone_and_the_secondaries_together(tmp_path):
             path.write_text(json.dumps(r))
     out = imbalance.report(tmp_path)
     (primary,) = out["primary"]
-    assert primary["differences"] == pytest.approx([10, 11, 12]) and primary["m"] == 1
+    assert primary["differences"] == pytest.approx([5, 5, 5]) and primary["m"] == 1 and primary["measure"] == "rare_auroc"
     assert primary["family"] == imbalance.PRIMARY and primary["verdict"] == "real"
     secondary = {c["measure"]: c for c in out["secondary"]}
     assert len(out["secondary"]) == 3 and all(c["m"] == 3 for c in out["secondary"])
     assert secondary["stability"]["differences"] == pytest.approx([-0.1] * 3)       # (0 − 0) − (0.6 − 0.5)
-    assert secondary["rare_auroc"]["differences"] == pytest.approx([5] * 3)
+    assert secondary["rare_ap"]["differences"] == pytest.approx([10, 11, 12])
+    assert secondary["rare_auroc"]["differences"] == pytest.approx([5] * 3)          # slots − kem, imbalanced
     cost = {(c["row"], c["measure"]): c for c in out["costs"]}
     assert cost["kem", "rare_ap"]["mean"] == pytest.approx(-20) and "p" not in cost["kem", "rare_ap"]
     text = (tmp_path / "imbalance.md").read_text()
