@@ -584,6 +584,7 @@ def report(results, command="python -m research imbalance --tables-only"):
         cost_lines.append(f"| {c['row']} | {LABELS[c['measure']]} | "
                           + ", ".join(f"{d:+.{digits}f}" for d in c["differences"]) + f" | {ci(c, digits)} |")
     curve, curve_lines = stability_curve(records)
+    n_pairs = primary[0]["n"] if primary else 0
     text = (
         "sKEM under class imbalance [ours]: kem and kem+etf slots (semseg and depth, 1,500 steps, --data-seed = "
         "--seed) trained on the default split and on one where every ball and cylinder region keeps its semseg label "
@@ -596,14 +597,17 @@ def report(results, command="python -m research imbalance --tables-only"):
            + "\n".join(split_lines) + "\n\n" if split_lines else "")
         + "Rows (mean [95% t-interval] over seeds):\n\n" + "\n".join(_rows_table(by, names))
         + "\n\nThe primary comparison (named in EVIDENCE.md §2b before the runs; tested alone) and the three "
-          "secondaries (Holm-adjusted together), paired by seed:\n\n" + "\n".join(comp) + "\n\n"
+          "secondaries (Holm-adjusted together), paired by seed"
+        + (f" ({n_pairs} of the planned {len(SEEDS)} pairs: an interim look, not the planned test)"
+           if n_pairs < len(SEEDS) else "") + ":\n\n" + "\n".join(comp) + "\n\n"
         + family_note(SECONDARY, secondary) + " The primary is its own family of one.\n\n"
         + "What the imbalance costs each row (descriptive, not tested):\n\n" + "\n".join(cost_lines)
         + "\n\nSelection stability over training (mean over seeds [95% CI]; chance = independent random k-sets):\n\n"
         + "\n".join(curve_lines) + "\n")
     (results / "imbalance.json").write_text(json.dumps(
         {"command": command, "split": split, "rows": {f"{r}, {s}": m for (r, s), m in by.items()},
-         "primary": primary, "secondary": secondary, "costs": costs, "stability_curve": curve}, indent=1))
+         "pairs": n_pairs, "planned_pairs": len(SEEDS), "primary": primary, "secondary": secondary, "costs": costs,
+         "stability_curve": curve}, indent=1))
     (results / "imbalance.md").write_text(text)
     plot(by, curve, results / "imbalance.png")
     print(text)
