@@ -6,7 +6,7 @@ the distractor hooks (k held at the real tokens' k while distractors are present
 "other" distractors are another image's tokens, a batch of one takes the previous batch's; nothing
 reaches the tokens without an exchange); the slot-selection measures on hand-made attention; the
 linear probe's AUC; that a recorded run is never run again and that --commit commits the record
-alone; and, end to end, a tiny ablation and tiny distractor, length and imbalance experiments producing
+alone; and, end to end, a tiny ablation and tiny distractor and length experiments producing
 records and tables.
 """
 import ast
@@ -23,7 +23,7 @@ import torch.nn as nn
 from research import __main__ as experiments
 import metrics
 from kem_mtl import KEM, CrossTaskAttention
-from research import ablation, distractors, imbalance, leak, length, runner, stats
+from research import ablation, distractors, leak, length, runner, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--image-size", "32x48", "--dim", "16", "--num-slots", "4", "--train-samples", "8", "--val-samples", "4",
@@ -316,22 +316,6 @@ def test_a_tiny_length_check_trains_longer_and_compares_with_the_ablations_runs(
     assert change["mean"] == pytest.approx(r[4] - r[2]) and change["family"] == "length"
     assert "Δm" not in (results / "length.md").read_text().split("Regenerate")[1], "no Δm at other lengths"
     assert (results / "length.md").exists() and (results / "length.png").exists()
-
-
-def test_a_tiny_imbalance_run_is_paired_with_the_ablations_run(tiny_ablation):
-    """kem on the imbalanced split with the ablation's flags: its record carries the stability over the two
-    evaluations and the split's class shares, and the report pairs it with the ablation's kem run."""
-    base, _, _ = tiny_ablation
-    results = base / "results"
-    out = imbalance.main(["--tasks", "depth,sal", "--rows", "kem", "--seeds", "0", "--max-iters", "2",
-                          "--eval-interval", "1", "--results", str(results), "--runs", str(base / "runs"), "--", *TINY])
-    rec = runner.load_records(results, "imbalance")["kem", 0]
-    assert rec["flags"] == runner.load_records(results, "ablation")["kem", 0]["flags"]
-    assert rec["stability"]["iters"] == [1, 2] and len(rec["stability"]["consecutive"]) == 1
-    assert rec["split"]["keep"] == 0.1 and len(rec["split"]["train_class_share"]["imbalanced"]) == 10
-    (cost,) = [c for c in out["comparisons"] if c["measure"] == "delta_m"]
-    assert cost["seeds"] == [0] and cost["family"] == "imbalance" and out["unpaired"] == []
-    assert (results / "imbalance.md").exists() and (results / "imbalance.png").exists()
 
 
 def test_the_command_lists_the_experiments_and_each_has_help(capsys):
