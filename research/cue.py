@@ -395,7 +395,7 @@ def plan(args, extra, ctx):
             if "sparse" in args.placements:
                 for row in args.noise_rows:
                     one.append(cue_run(experiment, "sparse", row, s, args.max_iters, args.eval_interval, extra, ratio))
-        first = {config_name("dense", "floor"), config_name("dense", "kem"), config_name("sparse", "floor"),
+        first = {config_name("dense", "floor"), config_name("dense", "oracle"), config_name("dense", "kem"), config_name("sparse", "floor"),
                  config_name("sparse", "oracle"), *(config_name("sparse", r, x) for r in ("cross", "kem")
                                                     for x in args.noise or [] if x > 0)}
         runs += sorted(one, key=lambda r: r.config not in first)
