@@ -42,15 +42,16 @@ the slots by content (Write), so what a slot took reaches every depth token. Cro
 token weighs every token by content. A *local* cue (a per-position factor) would need the route to match
 positions, which neither has beyond the convolutional features; it is not built here.
 
-Rows (`ROWS`; two tasks, semseg and depth; the synthetic preset otherwise; each seed with --data-seed =
-seed): floor (none, cue on semseg: nothing can reach depth), oracle (none, cue on depth itself), cross
-and kem (the defaults, cue on semseg), for both placements; then the sparse rows cross and kem trained
-and evaluated with distractors (`--noise`, per real token). With none the distractors reach nothing (a
-test in tests/test_experiments.py), so the noisy rows share the clean floor and oracle of their seed.
+Rows (`ROWS`; two tasks, semseg and depth; the synthetic preset otherwise, at IMAGE_SIZE; each seed with
+--data-seed = seed): floor (none, cue on semseg: nothing can reach depth) and cross and kem (the
+defaults, cue on semseg) for both placements; the oracle (none, cue on every depth token) once; then the
+sparse rows cross and kem trained and evaluated with distractors (`--noise`, per real token). With none
+the distractors reach nothing (a test in tests/test_experiments.py), so the noisy rows share the clean
+floor and oracle of their seed.
 
 The number a reader understands: fraction carried = (floor - row) / (floor - oracle) on depth RMSE,
-per seed (0 = nothing got through, 1 = as good as having the cue), and the relative depth RMSE of a row
-against the floor, (row - floor) / floor x 100 (negative = better). Route diagnostics, measured at every
+per seed (0 = nothing got through, 1 = as good as having the cue at every depth token), and the depth
+RMSE gain of a row over the floor, 100 (floor - row) / floor (positive = better). Route diagnostics, measured at every
 evaluation on the val images (`RouteLog`): for KEM, the share of each slot's top-k that is semseg's
 (and distractors'), and with the sparse cue whether the cue-carrying token is in a slot's top-k (recall)
 and the largest retrieve weight on it; for cross-attention, the mean weight of depth's queries on the cue
@@ -66,6 +67,11 @@ Notes:
 - The cue stream is numpy's default_rng([data_seed, split code, index, STREAM]); nothing of the dataset's
   or the training's random streams is drawn, so a run's scenes, augmentation and data order are those of
   the same flags without the cue (a test compares the images).
+- One oracle for both placements: the dense one (depth with the cue on every token). A sparse oracle (the
+  cue on one of depth's own tokens, no exchange; the pilot ran it) is a weaker reference: depth's decoder
+  is convolutional and spreads a one-token cue only locally, so an exchange that broadcasts the cue to
+  every depth token can beat it (the pilot: fraction carried above 1 against it). Fraction carried then
+  asks how much of the fact's full value reaches depth, for both placements alike.
 - Checkpoints hold the CueNet (keys net.*, cue.*): they are read back by wrapping a built network again
   (`load_cue_net`), not by train.load_trained.
 """
@@ -204,10 +210,11 @@ class CueModel:
     route: str
     ratio: float = 0.0
     kind: str = "other"
+    fix_k: bool = True       # False: k resolved from all tokens, distractors included (the "kem k=N" row)
 
     def __call__(self, model, cfg):
         if self.ratio > 0:
-            distractors.Distractors(model.exchange, self.ratio, self.kind)   # appends before the cue is added
+            distractors.Distractors(model.exchange, self.ratio, self.kind, fix_k=self.fix_k)   # before the cue
         net = CueNet(model, self.route)
         RouteStats(net)
         return net
@@ -303,15 +310,18 @@ def train_with_cue(argv):
     p.add_argument("--route", choices=TASKS, default="semseg", help="the task whose tokens get the cue (depth: the oracle)")
     p.add_argument("--ratio", type=float, default=0.0, help="distractor tokens per real token (0: none)")
     p.add_argument("--kind", choices=distractors.KINDS, default="other")
+    p.add_argument("--free-k", action="store_true",
+                   help="k resolved from all tokens, distractors included (default: from the real tokens)")
     args = p.parse_args(own)
-    hooks = train.Hooks(model=CueModel(args.route, args.ratio, args.kind), dataset=CueDataset(args.placement),
+    hooks = train.Hooks(model=CueModel(args.route, args.ratio, args.kind, not args.free_k),
+                        dataset=CueDataset(args.placement),
                         evaluated=RouteLog())
     return train.cli(rest, hooks)
 
 
-def cue_script(placement, route, ratio=0.0, kind="other"):
+def cue_script(placement, route, ratio=0.0, kind="other", free_k=False):
     """The script part of a cue run: `python -m research _cue ... --` before the train.py flags."""
-    noise = ("--ratio", f"{ratio:g}", "--kind", kind) if ratio > 0 else ()
+    noise = ("--ratio", f"{ratio:g}", "--kind", kind, *(("--free-k",) if free_k else ())) if ratio > 0 else ()
     return ("research", "_cue", "--placement", placement, "--route", route, *noise, "--")
 
 
@@ -327,9 +337,19 @@ def read_route_log(path):
 
 
 def route_after(run, run_dir, ctx):
-    """after-hook of every cue run: the route diagnostics of its last evaluation, and their history."""
+    """after-hook of every cue run: the route diagnostics of its last evaluation, and their history; for a
+    sparse-cue run with an exchange, `selection_probe` at initialisation and after training."""
     points = read_route_log(run_dir / ROUTE_LOG)
-    return {"route": points[-1] if points else None, "route_history": points}
+    out = {"route": points[-1] if points else None, "route_history": points}
+    script = run.script
+    if script[script.index("--placement") + 1] == "sparse" and "none" not in run.flags:
+        ratio = float(script[script.index("--ratio") + 1]) if "--ratio" in script else 0.0
+        ckpt = run_dir / "ckpt.pt"
+        cfg = {**train_support.load_checkpoint(ckpt)[0]["config"], "pretrained": False}
+        out["probe"] = {when: selection_probe(build_cue_net(cfg, "semseg", ratio, "--free-k" in script,
+                                                            None if when == "init" else ckpt), cfg, "sparse")
+                        for when in ("init", "trained")}
+    return out
 
 
 # --- the experiment: rows, plan -------------------------------------------------------------------------
@@ -341,12 +361,14 @@ ROWS = {"floor": (["--exchange", "none"], "semseg"),
         "kem": (["--exchange", "kem"], "semseg"),
         "kem k=N": (["--exchange", "kem", "--topk", "1.0"], "semseg")}
 EXCHANGE_ROWS = ("cross", "kem", "kem k=N")       # the rows measured against floor and oracle
+# "kem k=N": the slots without selection, k = every token (with distractors: every token, distractors included)
 IMAGE_SIZE = "48x64"     # [ours] a quarter of the preset's pixels: about 2 min a run on the shared 2-core machine
 NOISE = 4.0              # distractors per real token of the noisy rows (the planned level, EVIDENCE.md section 4)
 KIND = "other"           # another image's tokens (research/distractors.py)
 SEEDS = [0, 1, 2, 3, 4, 5]          # the comparison's pairs (from the pilot's paired SDs, EVIDENCE.md section 4)
 PILOT_SEEDS = [100, 101, 102]       # the pilot's (experiment "cue-pilot"; left out of the analysis)
 DEFAULT_ROWS = ("floor", "oracle", "cross", "kem")
+ORACLE = "dense"         # the oracle of every placement: depth with the cue on every one of its tokens (see Notes)
 
 
 def config_name(placement, row, ratio=0.0):
@@ -360,7 +382,8 @@ def cue_run(experiment, placement, row, seed, max_iters, eval_interval, extra, r
                                 "--data-seed", str(seed)], seed, max_iters, eval_interval, extra)
     group = exchange_flags[1]
     return runner.Run(experiment, config_name(placement, row, ratio), seed, flags,
-                      prefix=cue_script(placement, route, ratio, KIND), after=route_after, group=group,
+                      prefix=cue_script(placement, route, ratio, KIND, free_k=row == "kem k=N"), after=route_after,
+                      group=group,
                       steps=max_iters)
 
 
@@ -375,7 +398,7 @@ def main(argv):
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
     p.add_argument("--noise", type=float, nargs="*", default=[NOISE],
                    help="distractors per real token for the sparse exchange rows (0 or none: clean only)")
-    p.add_argument("--noise-rows", nargs="+", default=["cross", "kem"], choices=list(EXCHANGE_ROWS))
+    p.add_argument("--noise-rows", nargs="+", default=["cross", "kem", "kem k=N"], choices=list(EXCHANGE_ROWS))
     return runner.run(p, argv, plan, lambda args, command: report(args.results, command, pilot=args.pilot))
 
 
@@ -389,15 +412,15 @@ def plan(args, extra, ctx):
     for s in seeds:
         one = []
         for placement in args.placements:
-            for row in args.rows:
+            for row in (r for r in args.rows if r != "oracle" or placement == ORACLE or args.pilot):
                 one.append(cue_run(experiment, placement, row, s, args.max_iters, args.eval_interval, extra))
         for ratio in (r for r in args.noise or [] if r > 0):
             if "sparse" in args.placements:
                 for row in args.noise_rows:
                     one.append(cue_run(experiment, "sparse", row, s, args.max_iters, args.eval_interval, extra, ratio))
-        first = {config_name("dense", "floor"), config_name("dense", "oracle"), config_name("dense", "kem"), config_name("sparse", "floor"),
-                 config_name("sparse", "oracle"), *(config_name("sparse", r, x) for r in ("cross", "kem")
-                                                    for x in args.noise or [] if x > 0)}
+        first = {config_name(p_, r) for p_, r in (("dense", "floor"), ("dense", "oracle"), ("dense", "kem"),
+                                                  ("sparse", "floor"), ("sparse", "oracle"))}
+        first |= {config_name("sparse", r, x) for r in ("cross", "kem") for x in args.noise or [] if x > 0}
         runs += sorted(one, key=lambda r: r.config not in first)
     return [runs]
 
@@ -417,8 +440,9 @@ def per_seed(records):
 
 
 def fraction_carried(rmse, placement, config):
-    """{seed: (floor - row) / (floor - oracle)} against the floor and oracle of the row's placement and seed."""
-    floor, oracle = rmse.get(f"{placement} floor", {}), rmse.get(f"{placement} oracle", {})
+    """{seed: (floor - row) / (floor - oracle)}: the floor of the row's placement, the oracle of ORACLE (depth
+    with the cue on every one of its tokens), the same seed."""
+    floor, oracle = rmse.get(f"{placement} floor", {}), rmse.get(f"{ORACLE} oracle", {})
     row = rmse.get(config, {})
     return {s: (floor[s] - row[s]) / (floor[s] - oracle[s]) for s in row if s in floor and s in oracle}
 
@@ -543,8 +567,9 @@ def report(results, command="python -m research cue --tables-only", pilot=False)
     text = (f"{label}The cue control (research/cue.py): semseg + depth at {IMAGE_SIZE}, depth labels scaled by a hidden "
             f"per-scene s (log-uniform in [{S_MIN}, {S_MAX}]) whose cue log s reaches the network only through one "
             f"task's tokens just before the exchange (rows: semseg's; oracle: depth's); each seed with its own data "
-            f"seed. Fraction carried = (floor − row) / (floor − oracle) on depth RMSE, per seed (0 = nothing got "
-            f"through, 1 = as good as the oracle); gain = 100 (floor − row) / floor. Mean and 95% t-interval over "
+            f"seed. Fraction carried = (floor − row) / (floor − oracle) on depth RMSE, per seed, against the floor of "
+            f"the row's placement and the {ORACLE} oracle (depth with the cue on every token) for both (0 = nothing "
+            f"got through, 1 = as good as the oracle); gain = 100 (floor − row) / floor. Mean and 95% t-interval over "
             f"seeds. Route (means over seeds, val images, last evaluation): KEM's share of its slots' top-k that is "
             f"semseg's and that is distractors'; sparse cue: the share of images whose cue token some slot keeps, the "
             f"largest retrieve weight on it; cross: the mean weight of depth's queries on the cue token. Noisy rows: "
@@ -595,3 +620,105 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- the pilot: paired SDs and the pairs the plan needs -------------------------------------------------
+
+def power(effect, sd, n, alpha=stats.ALPHA):
+    """Power of the two-sided paired t-test with n pairs to find a true mean difference `effect` when the
+    differences' SD is `sd` (the noncentral t)."""
+    from scipy import stats as st
+
+    df, nc = n - 1, effect / sd * math.sqrt(n)
+    t = st.t.ppf(1 - alpha / 2, df)
+    upper, lower = st.nct.sf(t, df, nc), st.nct.cdf(-t, df, nc)
+    upper = 1.0 if math.isnan(upper) else upper                     # scipy returns NaN far in the tail
+    lower = 0.0 if math.isnan(lower) else lower
+    return float(min(1.0, upper + lower))
+
+
+def detectable(sd, n, target=0.8):
+    """The smallest mean difference the paired t-test with n pairs finds with power `target`."""
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda e: power(e, sd, n) - target, 1e-9 * sd, 10 * sd))
+
+
+def pairs_needed(sd, effect, target=0.8, least=5):
+    """The fewest pairs (at least `least`) for which `effect` is found with power `target`."""
+    n = least
+    while power(effect, sd, n) < target:
+        n += 1
+    return n
+
+
+# --- why a route fails: what reaches the selection, at initialisation and after training -------------------
+
+SELECTION = ("R", "W_qr", "W_kr")              # which tokens each slot takes
+VALUES = ("W_vr", "W_qw", "W_kw", "W_vw")      # what the slots carry and how tokens read it
+
+
+def build_cue_net(cfg, route="semseg", ratio=0.0, free_k=False, ckpt=None):
+    """The network of a cue run (distractor hooks, CueNet, route statistics), at initialisation (seeded as
+    train.py seeds it) or with a checkpoint's weights."""
+    train_support.seed_everything(cfg["seed"])
+    net = CueModel(route, ratio, KIND, not free_k)(train.build_model(cfg), cfg)
+    if ckpt is not None:
+        net.load_state_dict(train_support.load_checkpoint(ckpt)[0]["model"])
+    return net
+
+
+@torch.enable_grad()
+def selection_probe(net, cfg, placement, batches=4):
+    """On the first `batches` val batches (train mode off, the run's distractors on): per (image, slot) whether
+    the sparse cue token is in the slot's top-k and the slot's weight on it; and the gradient norms of depth's
+    loss reaching KEM's selection (R, W_qr, W_kr), its values (W_vr, W_qw, W_kw, W_vw) and the cue's
+    embedding, summed over the batches."""
+    data = CueData(train_support.build_data(cfg, "val"), "val", cfg["data_seed"], placement)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(min(len(data), batches * cfg["batch_size"]))),
+                                         batch_size=cfg["batch_size"], collate_fn=train_support.collate)
+    exchange = net.net.exchange
+    kept, weight, chance = [], [], None
+    seen = {}
+
+    def grab(module, args, out):
+        seen["X"] = args[0]
+        seen["att"] = module.forward(args[0], return_attention=True)[1]
+
+    handle = exchange.register_forward_hook(grab, prepend=True)
+    net.eval()
+    net.zero_grad()
+    try:
+        for batch in loader:
+            out = net(batch["image"])
+            loss = train.compute_losses(out, {"depth": batch["depth"]}, ["depth"])["depth"]
+            loss.backward()
+            cue_ = net.last_cue
+            idx = cue_["offset"] + cue_["cells"].float().argmax(1)                  # (B,)
+            if hasattr(exchange, "num_slots"):
+                A = seen["att"]["retrieve"].detach()                               # (B, L, N + M)
+                top = A.topk(int((A[0, 0] > 0).sum()), dim=-1).indices             # (B, L, k): the kept tokens
+                kept.append((top == idx[:, None, None]).any(-1).float())            # (B, L)
+                weight.append(A.gather(2, idx[:, None, None].expand(-1, A.shape[1], 1))[..., 0])
+                chance = 1 / top.shape[-1]
+            else:
+                A = seen["att"]["attention"].detach()                              # (B, N + M, N + M)
+                hw = cue_["hw"]
+                rows = [i for i in range(len(net.net.tasks) * hw) if not cue_["offset"] <= i < cue_["offset"] + hw]
+                weight.append(A[torch.arange(A.shape[0]), :, idx][:, rows].mean(1, keepdim=True))   # depth's queries
+                chance = 1 / A.shape[-1]
+    finally:
+        handle.remove()
+
+    def norm(names):
+        grads = [getattr(exchange, n).grad for n in names if getattr(exchange, n, None) is not None]
+        grads = [g for g in grads if g is not None]
+        return math.sqrt(sum(float(g.norm()) ** 2 for g in grads)) if grads else None
+
+    out = {"cue_weight": float(torch.cat(weight).mean()), "cue_weight_max_slot": float(torch.cat(weight).max(1).values.mean()),
+           "chance": chance, "grad_cue_embedding": float(net.cue.weight.grad.norm())}
+    if kept:
+        out.update(cue_in_topk=float(torch.cat(kept).mean()), cue_in_some_topk=float(torch.cat(kept).max(1).values.mean()),
+                   grad_selection=norm(SELECTION), grad_values=norm(VALUES))
+        out["ratio"] = out["grad_selection"] / out["grad_values"] if out["grad_values"] else None
+    return out

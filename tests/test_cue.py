@@ -163,6 +163,10 @@ def test_route_diagnostics_of_a_tiny_run(tmp_path):
     (point,) = cue.read_route_log(tmp_path / cue.ROUTE_LOG)
     assert point["images"] == 4 and point["cue_images"] == 4
     assert 0 <= point["route_share"] <= 1 and 0 < point["distractor_share"] < 1 and 0 <= point["cue_recall"] <= 1
+    run = runner.Run("cue", "sparse kem other x1", 0, flags, prefix=cue.cue_script("sparse", "semseg", 1.0))
+    probe = cue.route_after(run, tmp_path, None)["probe"]
+    for when in ("init", "trained"):
+        assert 0 <= probe[when]["cue_in_topk"] <= 1 and probe[when]["grad_values"] > 0, probe[when]
 
 
 def test_fraction_carried_is_floor_minus_row_over_floor_minus_oracle(tmp_path):
