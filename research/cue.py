@@ -626,7 +626,8 @@ def plot(rows, path):
             f = rows_by[config]["fraction"]
             x = gi + (ni - (len(names) - 1) / 2) * 0.22
             err = [[f["mean"] - f["ci95"][0]], [f["ci95"][1] - f["mean"]]] if f["ci95"] else None
-            ax.errorbar([x], [f["mean"]], yerr=err, fmt="o", capsize=3, color=f"C{ni}", label=name if gi == 0 else None)
+            labelled = name in ax.get_legend_handles_labels()[1]
+            ax.errorbar([x], [f["mean"]], yerr=err, fmt="o", capsize=3, color=f"C{ni}", label=None if labelled else name)
             ax.scatter([x + 0.06] * len(rows_by[config]["fraction_by_seed"]),
                        list(rows_by[config]["fraction_by_seed"].values()), s=8, color=f"C{ni}", alpha=0.5)
     ax.axhline(0, color="grey", lw=0.6, ls="--")
