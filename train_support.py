@@ -927,7 +927,7 @@ def save_picture(path, batch, predictions, cfg, draw, rows=4):
     mean, std = torch.tensor(datasets.IMAGENET_MEAN)[:, None, None], torch.tensor(datasets.IMAGENET_STD)[:, None, None]
     lines = []
     for i in range(min(rows, batch["image"].shape[0])):
-        image = ((batch["image"][i] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        image = ((batch["image"][i, :3] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         tiles = [image]
         for t in cfg["tasks"]:
             tiles += [draw[t](batch[t][i].numpy(), channels[t], True),

@@ -10,6 +10,8 @@
                                             # level off, does kem − none move with the length?
     python -m research imbalance             # kem and kem+etf slots, rare classes' semseg labels mostly ignored
                                             # vs the default split, 9 seeds: rare-class AUROC/AP, stability
+    python -m research cue                   # a positive control: depth needs a cue only semseg's tokens get;
+                                            # floor, oracle, cross, kem, dense and sparse cue, with distractors
     python -m research <name> --dry-run      # the plan: runs, how many are recorded, rough time
     python -m research <name> --tables-only  # rebuild the tables from the records alone
     python -m research <name> --help         # the knobs of each
@@ -66,17 +68,18 @@ Where the code is (research/, one module per experiment, its logic and its repor
     research/distractors.py  the distractor hooks, the linear probe, the hidden `_distract` command
     research/length.py       the longer runs and the paired kem − none per length
     research/imbalance.py    the imbalanced split, the hidden `_imbalance` command, the stability of the selection
+    research/cue.py          the cue control: its data and network hooks, the hidden `_cue` command, fraction carried
 Each module's docstring gives the experiment's design and its notes in full.
 """
 import sys
 
-from research import ablation, distractors, imbalance, leak, length, primary
+from research import ablation, cue, distractors, imbalance, leak, length, primary
 
 EXPERIMENTS = {"primary": primary.main, "ablation": ablation.main, "leak": leak.main, "distractors": distractors.main,
-               "length": length.main, "imbalance": imbalance.main,
-               # hidden: the train.py processes of `distractors`, `primary` (kem runs) and `imbalance`
+               "length": length.main, "imbalance": imbalance.main, "cue": cue.main,
+               # hidden: the train.py processes of `distractors`, `primary` (kem runs), `imbalance` and `cue`
                "_distract": distractors.train_with_distractors, "_gradients": primary.train_with_gradient_log,
-               "_imbalance": imbalance.train_imbalanced}
+               "_imbalance": imbalance.train_imbalanced, "_cue": cue.train_with_cue}
 
 
 def main(argv=None):
