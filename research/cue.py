@@ -327,13 +327,7 @@ def cue_script(placement, route, ratio=0.0, kind="other", free_k=False):
 
 def read_route_log(path):
     """The route log's lines, the last per iteration (a resumed run writes the evaluations after its checkpoint again)."""
-    if not Path(path).exists():
-        return []
-    by_iter = {}
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        by_iter[rec["iter"]] = rec
-    return [by_iter[i] for i in sorted(by_iter)]
+    return runner.read_log_by_iter(path)
 
 
 def route_after(run, run_dir, ctx):

@@ -141,13 +141,7 @@ class WatchGradients:
 
 def read_gradient_log(path):
     """The log's lines, one per step (a resumed run writes the steps after its checkpoint again: the last wins)."""
-    if not Path(path).exists():
-        return []
-    by_iter = {}
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        by_iter[rec["iter"]] = rec
-    return [by_iter[i] for i in sorted(by_iter)]
+    return runner.read_log_by_iter(path)
 
 
 def group_norm(point, names, key="grad"):

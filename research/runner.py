@@ -109,6 +109,18 @@ class Run:
         return list(self.prefix)
 
 
+def read_log_by_iter(path):
+    """A JSON-lines log's records, one per "iter", in order; the last line of an iteration wins (a resumed run
+    writes the iterations after its checkpoint again). [] when there is no log."""
+    if not Path(path).exists():
+        return []
+    by_iter = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        by_iter[rec["iter"]] = rec
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
 def load_records(results, experiment):
     """{(config, seed): record} of every record under <results>/runs/<experiment>."""
     out = {}

@@ -21,14 +21,7 @@ SEEDS = 400
 SIZES = [(2, 1), (2, 3), (3, 2), (4, 6), (8, 8)]   # d = K - 1 (the tight case), d = K, d > K
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny tensors: as fast as two on an idle machine, and ten times
-    faster on a busy one (two threads then wait for each other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,14 +34,7 @@ h, w = 4, 6
 DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny tensors: as fast as two on an idle machine, and ten times
-    faster on a busy one (two threads then wait for each other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def build(**kwargs):

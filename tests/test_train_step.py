@@ -37,14 +37,7 @@ CHANNELS = {"semseg": 5, "depth": 1, "normals": 3, "edge": 1, "sal": 1}
 SIZE = (32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny tensors: as fast as two on an idle machine, and ten times
-    faster on a busy one (two threads then wait for each other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def make_model(tasks=CHANNELS):
